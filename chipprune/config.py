@@ -1,0 +1,200 @@
+"""params.yaml schema: one typed, strict config object per stage. An unknown key, a wrong
+type, a value out of range or an unknown name is one ConfigError naming the key and what
+is allowed; stages turn it into exit code 2 before writing anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DATASET_SOURCES = ("digits", "cifar10", "cifar100", "svhn", "imagefolder")
+NEEDS_ROOT = ("cifar10", "cifar100", "svhn", "imagefolder")
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem, already phrased for the user (key: what is wrong)."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AugmentConfig(Strict):
+    crop_padding: int = Field(4, ge=0, le=64)
+    flip: bool = True
+
+
+class DatasetConfig(Strict):
+    source: Literal["digits", "cifar10", "cifar100", "svhn", "imagefolder"]
+    root: str | None = None
+    download: bool = False
+    classes: list[int] | None = None
+    val_size: int | float = 0.1
+    seed: int = 0
+    image_size: int | None = Field(None, ge=4, le=1024)
+    augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("val_size")
+    @classmethod
+    def _val_size(cls, v: int | float) -> int | float:
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError(f"a fraction must be in (0, 1), got {v}")
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"a count must be at least 1, got {v}")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) < 2 or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError(f"need at least 2 distinct non-negative class indices, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _root(self) -> DatasetConfig:
+        if self.source in NEEDS_ROOT:
+            if self.root is None:
+                raise ValueError(f"source {self.source!r} needs `root` (a local data folder)")
+            if not self.download and not Path(self.root).expanduser().exists():
+                raise ValueError(
+                    f"root {self.root!r} does not exist; point it at the data or set download: true"
+                )
+        if self.source == "imagefolder" and self.image_size is None:
+            raise ValueError("source 'imagefolder' needs `image_size`")
+        return self
+
+
+class ModelConfig(Strict):
+    arch: str
+    kwargs: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _known(self) -> ModelConfig:
+        import torch
+
+        from chipprune.models import create_model, list_models
+
+        if self.arch not in list_models():
+            raise ValueError(f"unknown arch {self.arch!r}; known: {', '.join(list_models())}")
+        reserved = sorted({"num_classes", "in_channels"} & set(self.kwargs))
+        if reserved:
+            raise ValueError(f"kwargs {reserved} come from the dataset; remove them")
+        # Building on the meta device checks every kwarg against the real constructor
+        # without allocating weights (ResNet-50 costs nothing here).
+        try:
+            with torch.device("meta"):
+                create_model(self.arch, **self.kwargs)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"kwargs {self.kwargs} rejected by {self.arch}: {e}") from None
+        return self
+
+
+class OptimizerConfig(Strict):
+    lr: float = Field(0.1, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    nesterov: bool = True
+
+
+class ScheduleConfig(Strict):
+    kind: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    step_size: int = Field(30, ge=1)  # kind=step: lr x gamma every step_size epochs
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(30, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=1, le=65_536)
+    eval_batch_size: int = Field(1024, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    channels_last: bool = True  # CUDA only
+    bf16: bool = True  # CUDA only: autocast to bfloat16
+
+
+class LatencyConfig(Strict):
+    batch_sizes: list[int] = [1, 256]
+    warmup: int = Field(5, ge=0)
+    repeats: int = Field(20, ge=1)
+
+
+class EvaluateConfig(Strict):
+    batch_size: int = Field(1024, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    latency: LatencyConfig = LatencyConfig()
+
+    @field_validator("latency")
+    @classmethod
+    def _positive(cls, v: LatencyConfig) -> LatencyConfig:
+        if not v.batch_sizes or min(v.batch_sizes) < 1:
+            raise ValueError("latency.batch_sizes must be a non-empty list of positive ints")
+        return v
+
+
+class DenseGrid(Strict):
+    datasets: list[str] = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+
+
+class Params(Strict):
+    datasets: dict[str, DatasetConfig]
+    models: dict[str, ModelConfig]
+    dense: DenseGrid
+    train_dense: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _grid_names(self) -> Params:
+        for key, names, known in (
+            ("dense.datasets", self.dense.datasets, self.datasets),
+            ("dense.models", self.dense.models, self.models),
+        ):
+            for name in names:
+                if name not in known:
+                    raise ValueError(f"{key}: {name!r} is not defined; defined: {sorted(known)}")
+        return self
+
+
+def _format(err: ValidationError, source: str) -> str:
+    """One line per problem: `params.yaml: a.b.c: message (got X)`."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        got = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {e['input']!r})"
+        if len(got) > 80:
+            got = ""
+        # Cross-section checks raise at the top level and name their keys themselves.
+        lines.append(f"{source}: {msg}" if not e["loc"] else f"{source}: {key}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_params(raw, str(path))

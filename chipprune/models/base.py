@@ -1,0 +1,106 @@
+"""What every model shares: the `PrunableNet` base, the `widths`/`kept` kwargs and the
+parameter-free option-A shortcut."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .spec import ModelSpec
+
+
+class PrunableNet(nn.Module):
+    """A model that describes its prunable convs, coupling groups and shortcuts (`describe`)."""
+
+    _spec: ModelSpec  # set by the subclass at construction; widths are read live
+
+    def describe(self) -> ModelSpec:
+        """The spec, with widths read from the module tree as it is now (after surgery too)."""
+        convs = tuple(
+            replace(c, out_channels=self.get_submodule(c.conv).out_channels)
+            for c in self._spec.convs
+        )
+        stem = next(c for c in self._spec.convs if c.in_group is None)
+        in_channels = self.get_submodule(stem.conv).in_channels
+        return replace(self._spec, convs=convs, in_channels=in_channels)
+
+
+class GroupWidths:
+    """Resolves the `widths` and `kept` model kwargs group by group while a model is built.
+
+    widths: group -> number of output channels (missing groups stay dense).
+    kept: group -> ORIGINAL indices of the kept channels; only option-A shortcuts use the
+    indices themselves, elsewhere they just give the width.
+    """
+
+    def __init__(self, widths: dict[str, int] | None, kept: dict[str, list[int]] | None):
+        self._widths = dict(widths or {})
+        self._kept = {g: [int(i) for i in idx] for g, idx in (kept or {}).items()}
+        self._resolved: dict[str, tuple[int, list[int]]] = {}  # group -> (width, kept indices)
+
+    def __call__(self, group: str, dense: int) -> int:
+        """Width of `group`, whose dense width is `dense`."""
+        if group not in self._resolved:
+            self._resolved[group] = self._resolve(group, dense)
+        return self._resolved[group][0]
+
+    def _resolve(self, group: str, dense: int) -> tuple[int, list[int]]:
+        width, kept = self._widths.get(group), self._kept.get(group)
+        if kept is not None:
+            if len(set(kept)) != len(kept) or not all(0 <= i < dense for i in kept):
+                raise ValueError(f"kept[{group!r}] must be distinct indices in [0, {dense})")
+            if width is not None and width != len(kept):
+                raise ValueError(f"widths[{group!r}]={width} but kept has {len(kept)} indices")
+            width = len(kept)
+        if width is None:
+            width = dense
+        if not 1 <= int(width) <= dense:
+            raise ValueError(f"widths[{group!r}]={width} must be in [1, {dense}]")
+        return int(width), kept if kept is not None else list(range(width))
+
+    def kept(self, group: str) -> list[int]:
+        """Original indices kept in an already resolved group (default: the first `width`)."""
+        return self._resolved[group][1]
+
+    def check_all_used(self) -> None:
+        """Unknown group names are errors, not silently ignored."""
+        unknown = sorted((set(self._widths) | set(self._kept)) - set(self._resolved))
+        if unknown:
+            raise ValueError(f"unknown groups {unknown}; this model has {list(self._resolved)}")
+
+
+class ChannelMapShortcut(nn.Module):
+    """Option-A shortcut: out[:, j] = in[:, j - offset] over ORIGINAL channel indices.
+
+    Dense with offset planes//4 and stride 2 this is the classic
+    `F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4))`; with pruned groups it
+    moves each kept input channel to the output position of its original index + offset,
+    drops those with no place and zero-fills the rest.
+    """
+
+    def __init__(self, in_kept: list[int], out_kept: list[int], offset: int, stride: int):
+        super().__init__()
+        self.offset, self.stride = offset, stride
+        self.in_channels, self.out_channels = len(in_kept), len(out_kept)
+        position = {orig: pos for pos, orig in enumerate(in_kept)}
+        # index[p] = input position feeding output position p; in_channels = the zero channel
+        index = [position.get(orig - offset, len(in_kept)) for orig in out_kept]
+        self.identity = stride == 1 and index == list(range(len(in_kept)))
+        # not persistent: rebuilt from the model kwargs, so dense checkpoints load unchanged
+        self.register_buffer("index", torch.tensor(index, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (N, Cin, H, W) -> (N, Cout, H/stride, W/stride)
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.identity:
+            return x
+        zero = x.new_zeros(x.shape[0], 1, x.shape[2], x.shape[3])
+        return torch.cat([x, zero], dim=1).index_select(1, self.index)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, offset={self.offset}, stride={self.stride}"
+        )

@@ -1,0 +1,62 @@
+"""The uniform description every model gives of itself (`PrunableNet.describe()`).
+
+Pruning, scoring, budgets and surgery read only this, so they need no per-model code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrunableConv:
+    """An nn.Conv2d whose output channels can be pruned, with the modules around it."""
+
+    conv: str  # qualified name of the nn.Conv2d
+    bn: str  # qualified name of the BatchNorm2d right after it (gates multiply its output)
+    group: str  # coupling group: every conv of a group keeps the same output channels
+    in_group: str | None  # group whose channels feed this conv (None = the image)
+    score_at: str  # the dedicated nn.ReLU whose output scores these channels (CHIP); for a
+    # residual block's last conv and its downsample, the ReLU after the add
+    out_channels: int = 0  # current width; describe() fills it from the module tree
+
+
+@dataclass(frozen=True)
+class ChannelMap:
+    """A parameter-free option-A shortcut: out[:, j] = in[:, j - offset] (zero where none).
+
+    Indices are ORIGINAL (dense) channel indices; the module maps the kept ones.
+    """
+
+    module: str
+    in_group: str
+    out_group: str
+    offset: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    convs: tuple[PrunableConv, ...]  # forward order
+    channel_maps: tuple[ChannelMap, ...]  # empty for models without option-A shortcuts
+    classifier: str  # the first nn.Linear (never pruned)
+    classifier_in_group: str  # the group feeding the classifier
+    in_channels: int = 3  # channels of the image (the input of in_group None)
+
+    def groups(self) -> dict[str, list[PrunableConv]]:
+        """Group name -> its convs, both in forward order (a group appears where it starts)."""
+        out: dict[str, list[PrunableConv]] = {}
+        for c in self.convs:
+            out.setdefault(c.group, []).append(c)
+        return out
+
+    def widths(self) -> dict[str, int]:
+        """Group name -> number of output channels, as the module tree has it now."""
+        return {g: convs[0].out_channels for g, convs in self.groups().items()}
+
+    def conv(self, name: str) -> PrunableConv:
+        """The entry of the conv with this qualified name."""
+        for c in self.convs:
+            if c.conv == name:
+                return c
+        raise KeyError(f"no prunable conv named {name!r}")

@@ -1,0 +1,144 @@
+"""MLflow adapter the stages call: one run per executed stage, nested under the pipeline's
+run when MLFLOW_PARENT_RUN_ID is set, with the whole config, provenance tags and a small
+run-id file so a stage that DVC later skips or restores still points at the run that made it."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from chipprune import atomic
+
+DEFAULT_EXPERIMENT = "chipprune"
+PACKAGES = ("chipprune", "torch", "torchvision", "dvc", "mlflow", "prefect", "torch-pruning")
+
+
+def repo_root() -> Path:
+    """The project root: where params.yaml lives (stages run from there under DVC)."""
+    return Path(os.environ.get("CHIPPRUNE_ROOT", Path.cwd())).resolve()
+
+
+def tracking_uri() -> str:
+    # MLflow 3 refuses the old file store; sqlite needs an absolute path to be cwd-independent.
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=repo_root(), capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance_tags() -> dict[str, str]:
+    tags = {"python": sys.version.split()[0]}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["git.commit"] = commit
+        tags["git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+    for pkg in PACKAGES:
+        try:
+            tags[f"version.{pkg}"] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return tags
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: MLflow params are flat."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def _experiment_id(mlflow: Any, name: str) -> str:
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = os.environ.get("CHIPPRUNE_ARTIFACT_ROOT") or (repo_root() / "mlartifacts").as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifacts)
+    except Exception:  # created meanwhile by a parallel stage
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+@contextmanager
+def stage_run(
+    stage: str,
+    config: Mapping[str, Any],
+    run_id_path: str | Path,
+    inputs: Mapping[str, str | Path] = (),
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[Any]:
+    """Open the MLflow run of one executed stage; on success write its id to run_id_path."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+    exp_id = _experiment_id(mlflow, experiment)
+    all_tags = {"chipprune.stage": stage, **provenance_tags(), **(tags or {})}
+    for name, path in dict(inputs).items():
+        all_tags[f"input.{name}.sha256"] = file_sha256(path)
+    parent = os.environ.get("MLFLOW_PARENT_RUN_ID") or None
+    with mlflow.start_run(
+        experiment_id=exp_id, run_name=stage, parent_run_id=parent, tags=all_tags
+    ) as run:
+        mlflow.log_params({k: str(v)[:6000] for k, v in flatten(config).items()})
+        yield run
+        atomic.write_json(
+            run_id_path,
+            {
+                "run_id": run.info.run_id,
+                "experiment_id": exp_id,
+                "experiment": experiment,
+                "stage": stage,
+                "parent_run_id": parent,
+                "tracking_uri": tracking_uri(),
+            },
+        )
+
+
+def log_history(history: list[dict[str, float]]) -> None:
+    """Per-epoch metrics with the epoch as MLflow step."""
+    import mlflow
+
+    for row in history:
+        step = int(row["epoch"])
+        mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
+
+
+def log_model(model: Any, example: Any) -> None:
+    """The model as an MLflow pytorch flavour, with explicit pip requirements: inferring them
+    costs seconds per call."""
+    import mlflow.pytorch
+    import torch
+
+    mlflow.pytorch.log_model(
+        model,
+        name="model",
+        input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )

@@ -1,0 +1,270 @@
+"""Training and evaluation loops over device-resident tensors: data is loaded once as uint8,
+augmented in batches on the device (random crop with padding, flip), normalised per batch.
+Every epoch ends in an atomic resume checkpoint, so a killed run continues where it was."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from chipprune.config import AugmentConfig, ScheduleConfig, TrainConfig
+from chipprune.resume import ResumeStore
+
+
+@dataclass
+class DeviceData:
+    """One split on the training device, normalisation constants beside it."""
+
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+    mean: torch.Tensor  # (1, C, 1, 1) float32, 0..1 scale
+    std: torch.Tensor  # (1, C, 1, 1) float32
+
+    @classmethod
+    def from_split(cls, split: Any, meta: dict, device: torch.device) -> DeviceData:
+        shape = (1, -1, 1, 1)
+        return cls(
+            images=split.images.to(device),
+            labels=split.labels.to(device),
+            mean=torch.tensor(meta["mean"], dtype=torch.float32, device=device).view(shape),
+            std=torch.tensor(meta["std"], dtype=torch.float32, device=device).view(shape),
+        )
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def normalise(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        return (x_uint8.float().div_(255.0) - self.mean) / self.std
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for but CUDA is not available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed: int, device: torch.device) -> None:
+    torch.manual_seed(seed)
+    if device.type == "cpu":
+        # Bitwise-repeatable on CPU; CUDA keeps its fast non-deterministic kernels.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def random_crop_flip(
+    x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator
+) -> torch.Tensor:
+    """Batched augmentation of uint8 images (B, C, H, W): zero-padded random crop, h-flip."""
+    b, _, h, w = x.shape
+    if padding > 0:
+        xp = F.pad(x, (padding,) * 4)  # (B, C, H+2p, W+2p)
+        oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
+        ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
+        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+        bidx = torch.arange(b, device=x.device)[:, None, None]
+        x = xp.permute(0, 2, 3, 1)[bidx, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+    if flip:
+        coin = torch.rand(b, generator=gen, device=x.device) < 0.5
+        x = torch.where(coin[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def lr_multiplier(step: int, steps_per_epoch: int, epochs: int, sched: ScheduleConfig) -> float:
+    """Multiplier of the base lr at optimiser step `step` (per-step warmup, then the schedule)."""
+    warm = sched.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    if sched.kind == "constant":
+        return 1.0
+    if sched.kind == "step":
+        return sched.gamma ** ((step // steps_per_epoch) // sched.step_size)
+    total = epochs * steps_per_epoch
+    progress = (step - warm) / max(1.0, total - warm)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def sgd(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with weight decay on conv/linear weights only (BN affine and biases are not decayed)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    o = cfg.optimizer
+    return torch.optim.SGD(
+        [
+            {"params": decay, "weight_decay": o.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=o.lr,
+        momentum=o.momentum,
+        nesterov=o.nesterov and o.momentum > 0,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DeviceData, batch_size: int = 1024) -> dict[str, float]:
+    """Loss, top-1 and top-k (k = min(5, classes)) accuracy in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=data.labels.device)
+    top1 = torch.zeros((), device=data.labels.device)
+    topk = torch.zeros((), device=data.labels.device)
+    for i in range(0, len(data), batch_size):
+        x = data.normalise(data.images[i : i + batch_size])
+        y = data.labels[i : i + batch_size]
+        out = model(x).float()
+        loss_sum += F.cross_entropy(out, y, reduction="sum")
+        k = min(5, out.shape[1])
+        pred = out.topk(k, dim=1).indices  # (B, k)
+        top1 += (pred[:, 0] == y).sum()
+        topk += (pred == y[:, None]).any(dim=1).sum()
+    model.train(was_training)
+    n = max(1, len(data))
+    return {"loss": loss_sum.item() / n, "top1": top1.item() / n, "top5": topk.item() / n}
+
+
+class TrainHooks:
+    """Extension points for methods that train more than weights (ChipNet's gates)."""
+
+    def on_step(self, step: int, steps_per_epoch: int) -> None: ...
+
+    def extra_loss(self, model: nn.Module) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        return None, {}
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    resumed_from_epoch: int  # 0 for a fresh run
+
+
+def fit(
+    model: nn.Module,
+    train: DeviceData,
+    val: DeviceData,
+    cfg: TrainConfig,
+    augment: AugmentConfig,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    hooks: TrainHooks | None = None,
+    resume: ResumeStore | None = None,
+    log: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train `model` for cfg.epochs on device tensors; returns the per-epoch history."""
+    device = train.images.device
+    hooks = hooks or TrainHooks()
+    optimizer = optimizer or sgd(model, cfg)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    cuda = device.type == "cuda"
+    if cuda and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    state = resume.load() if resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"].to(gen.get_state().device))
+        hooks.load_state_dict(state["hooks"])
+        history = list(state["history"])
+        start_epoch = int(state["epoch"])
+
+    n = len(train)
+    bs = min(cfg.batch_size, n)
+    steps_per_epoch = n // bs  # drop the ragged tail: a batch of one breaks BN in train mode
+    bar = tqdm(
+        total=cfg.epochs, initial=start_epoch, desc="train", disable=not sys.stderr.isatty()
+    )
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=gen, device=device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        extra_sums: dict[str, torch.Tensor] = {}
+        for i in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + i
+            mult = lr_multiplier(step, steps_per_epoch, cfg.epochs, cfg.schedule)
+            for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                g["lr"] = lr * mult
+            hooks.on_step(step, steps_per_epoch)
+
+            idx = perm[i * bs : (i + 1) * bs]
+            x = random_crop_flip(train.images[idx], augment.crop_padding, augment.flip, gen)
+            x = train.normalise(x)
+            if cuda and cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = train.labels[idx]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.bf16):
+                out = model(x)
+            ce = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+            extra, logs = hooks.extra_loss(model)
+            loss = ce if extra is None else ce + extra
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+            loss_sum += ce.detach()
+            correct += (out.detach().argmax(1) == y).sum()
+            for k, v in logs.items():
+                extra_sums[k] = extra_sums.get(k, 0) + v.detach()
+
+        steps = max(1, steps_per_epoch)
+        row = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum.item() / steps,
+            "train_acc": correct.item() / (steps * bs),
+            **{k: float(v) / steps for k, v in extra_sums.items()},
+        }
+        row.update({f"val_{k}": v for k, v in evaluate(model, val, cfg.eval_batch_size).items()})
+        row.update(hooks.on_epoch_end(epoch, model))
+        row["epoch_seconds"] = time.perf_counter() - t0
+        history.append(row)
+        if resume:
+            resume.save(
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": gen.get_state(),
+                    "hooks": hooks.state_dict(),
+                    "history": history,
+                }
+            )
+        if log:
+            log(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_top1']:.4f}")
+        if bar.disable:
+            print(
+                f"epoch {epoch + 1}/{cfg.epochs} lr {row['lr']:.4g} loss {row['train_loss']:.4f} "
+                f"train {row['train_acc']:.4f} val {row['val_top1']:.4f} "
+                f"({row['epoch_seconds']:.1f}s)",
+                flush=True,
+            )
+    bar.close()
+    if cuda and cfg.channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    return FitResult(history=history, resumed_from_epoch=start_epoch)

@@ -1,0 +1,45 @@
+"""What every stage shell shares: argv parsing helpers and the error contract (a bad input
+is one line on stderr naming the file or key, exit code 2, nothing written)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from chipprune.checkpoint import CheckpointError
+from chipprune.config import ConfigError
+from chipprune.data import DataFileError
+
+USER_ERRORS = (ConfigError, CheckpointError, DataFileError, FileNotFoundError)
+RESUME_DIR = Path(".chipprune") / "resume"
+
+
+def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> int:
+    """Run a stage's main; user errors become one clear message and exit code 2."""
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a directory output in a temp sibling; it replaces `path` only when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -1,0 +1,82 @@
+"""DVC stage `evaluate`: any checkpoint (dense or pruned) on the test split: top-1/top-5,
+params, MACs and measured latency -> metrics JSON (DVC metrics) and MLflow.
+
+    python -m stages.evaluate <checkpoint> <data_dir> <out_dir>
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from chipprune import tracking
+from chipprune.atomic import write_json
+from chipprune.checkpoint import load_checkpoint, model_from_checkpoint
+from chipprune.config import load_params
+from chipprune.counting import measure_cost
+from chipprune.data import load_prepared
+from chipprune.latency import median_latency_ms
+from chipprune.train import DeviceData, evaluate, resolve_device
+from stages._common import run_main
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="stages.evaluate", description=__doc__)
+    ap.add_argument("checkpoint")
+    ap.add_argument("data_dir")
+    ap.add_argument("out_dir")
+    ap.add_argument("--name", help="run name (defaults to the checkpoint's folder)")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+
+    cfg = load_params(args.params).evaluate
+    ckpt = load_checkpoint(args.checkpoint)
+    data = load_prepared(Path(args.data_dir), splits=("test",))
+    model = model_from_checkpoint(ckpt, args.checkpoint)
+    device = resolve_device(cfg.device)
+    model.to(device).eval()
+    shape = tuple(data.meta["image_shape"])
+
+    name = f"evaluate@{args.name or Path(args.checkpoint).parent.name}"
+    out = Path(args.out_dir)
+    with tracking.stage_run(
+        name, {"evaluate": cfg.model_dump(), "checkpoint": args.checkpoint},
+        out / "mlflow_run.json", inputs={"checkpoint": args.checkpoint},
+    ):
+        import mlflow
+
+        test = DeviceData.from_split(data.splits["test"], data.meta, device)
+        acc = evaluate(model, test, cfg.batch_size)
+        cost = measure_cost(model, shape)
+        latency = {
+            f"latency_ms_bs{bs}": median_latency_ms(
+                model, shape, bs, device, cfg.latency.warmup, cfg.latency.repeats
+            )
+            for bs in cfg.latency.batch_sizes
+        }
+        metrics = {
+            "test_top1": acc["top1"],
+            "test_top5": acc["top5"],
+            "test_loss": acc["loss"],
+            "params": cost.params,
+            "macs": cost.macs,
+            "macs_with_bn": cost.macs_with_bn,
+            **latency,
+        }
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        report = {
+            **metrics,
+            "model": ckpt["model_name"],
+            "model_kwargs": ckpt["model_kwargs"],
+            "dataset": data.meta.get("name"),
+            "device": str(device),
+            "test_size": len(test),
+        }
+        write_json(out / "metrics.json", report)
+        mlflow.log_artifact(str(out / "metrics.json"))
+    print(f"{name}: top1 {acc['top1']:.4f} params {cost.params:,} MACs {cost.macs:,}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,88 @@
+"""DVC stage `train_dense`: train `models.<model>` on prepared `datasets.<dataset>` with the
+`train_dense` recipe; resumes after a kill; writes the checkpoint, history CSV, MLflow run.
+
+    python -m stages.train_dense <dataset> <model> <data_dir> <out_dir>
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from chipprune import tracking
+from chipprune.atomic import write_text
+from chipprune.checkpoint import make_checkpoint, save_checkpoint
+from chipprune.config import ConfigError, load_params
+from chipprune.data import load_prepared
+from chipprune.models import create_model
+from chipprune.resume import ResumeStore, fingerprint
+from chipprune.train import DeviceData, fit, resolve_device, seed_everything
+from stages._common import RESUME_DIR, run_main
+
+
+def history_csv(history: list[dict[str, float]]) -> str:
+    keys = list(history[0]) if history else ["epoch"]
+    lines = [",".join(keys)]
+    lines += [",".join(f"{row.get(k, '')}" for k in keys) for row in history]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="stages.train_dense", description=__doc__)
+    ap.add_argument("dataset")
+    ap.add_argument("model")
+    ap.add_argument("data_dir")
+    ap.add_argument("out_dir")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+
+    params = load_params(args.params)
+    for section, key in (("datasets", args.dataset), ("models", args.model)):
+        if key not in getattr(params, section):
+            raise ConfigError(f"{section}.{key}: not defined in {args.params}")
+    ds_cfg, m_cfg, cfg = params.datasets[args.dataset], params.models[args.model], params.train_dense
+    data = load_prepared(Path(args.data_dir))
+    meta = data.meta
+
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed, device)
+    kwargs = {**m_cfg.kwargs, "num_classes": meta["num_classes"], "in_channels": meta["image_shape"][0]}
+    model = create_model(m_cfg.arch, **kwargs).to(device)
+    train = DeviceData.from_split(data.splits["train"], meta, device)
+    val = DeviceData.from_split(data.splits["val"], meta, device)
+
+    config = {
+        "dataset": {"name": args.dataset, **ds_cfg.model_dump()},
+        "model": {"name": args.model, **m_cfg.model_dump()},
+        "train": cfg.model_dump(),
+    }
+    name = f"train_dense@{args.dataset}-{args.model}"
+    out = Path(args.out_dir)
+    resume = ResumeStore(RESUME_DIR / f"{name}.pt", fingerprint(config, meta, kwargs))
+    meta_file = Path(args.data_dir) / "meta.json"
+    with tracking.stage_run(name, config, out / "mlflow_run.json", inputs={"data_meta": meta_file}):
+        import mlflow
+
+        result = fit(model, train, val, cfg, ds_cfg.augment, resume=resume,
+                     log=lambda row: tracking.log_history([row]))
+        tracking.log_history(result.history[: result.resumed_from_epoch])
+        final = {k: v for k, v in result.history[-1].items() if k.startswith("val_")}
+        ckpt = make_checkpoint(
+            model, m_cfg.arch, kwargs, config=config, data_meta=meta,
+            history=result.history, metrics=final,
+        )
+        save_checkpoint(ckpt, out / "checkpoint.pt")
+        write_text(out / "history.csv", history_csv(result.history))
+        mlflow.log_artifact(str(out / "history.csv"))
+        mlflow.log_artifact(str(out / "checkpoint.pt"))
+        example = torch.zeros(1, *meta["image_shape"]).numpy()
+        tracking.log_model(model.cpu().eval(), example)
+    resume.clear()
+    print(f"{name}: val top1 {final['val_top1']:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,89 @@
+"""The default DVC pipeline end to end, on a tiny params set, in a temporary repo copy:
+real `dvc repro`, real stages, a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd, cwd, env, timeout=600):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git+DVC repo holding the project's pipeline with a 1-epoch params.yaml."""
+    root = tmp_path_factory.mktemp("pipeline")
+    for name in ("chipprune", "stages", "pipelines"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train_dense"]["epochs"] = 1
+    params["evaluate"]["latency"] = {"batch_sizes": [1, 8], "warmup": 1, "repeats": 2}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "CHIPPRUNE_ARTIFACT_ROOT": (root / "mlartifacts").as_uri(),
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    env.pop("MLFLOW_PARENT_RUN_ID", None)
+    _run(["git", "init", "-q"], root, env)
+    _run(["dvc", "init", "-q"], root, env)
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "init"], root, env)
+    first = _run(["dvc", "repro"], root, env)
+    return root, env, first
+
+
+def test_repro_builds_every_output(repo):
+    root, _, first = repo
+    prepared = root / "data/prepared/digits"
+    assert {p.name for p in prepared.iterdir()} == {"train.pt", "val.pt", "test.pt", "meta.json"}
+    run = root / "runs/dense/digits-resnet20"
+    assert (run / "checkpoint.pt").is_file() and (run / "history.csv").is_file()
+    metrics = json.loads((run / "eval/metrics.json").read_text())
+    assert metrics["test_size"] == 359  # 20% of each class, rounded per class
+    # resnet20 option A, 1 input channel, 10 classes: 269,722 - 2*16*9 stem weights
+    assert metrics["params"] == 269_434
+    assert 0.0 <= metrics["test_top1"] <= 1.0
+    assert set(metrics) >= {"test_top5", "macs", "latency_ms_bs1", "latency_ms_bs8"}
+    assert "Running stage 'train_dense@digits-resnet20'" in first.stdout
+
+
+def test_every_executed_stage_has_an_mlflow_run(repo):
+    root, env, _ = repo
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["chipprune"])
+    assert sorted(runs["tags.mlflow.runName"]) == [
+        "evaluate@dense-digits-resnet20", "prepare@digits", "train_dense@digits-resnet20",
+    ]
+    assert set(runs["status"]) == {"FINISHED"}
+    for stage_file in ("runs/prepare/digits", "runs/dense/digits-resnet20", "runs/dense/digits-resnet20/eval"):
+        info = json.loads((root / stage_file / "mlflow_run.json").read_text())
+        assert info["run_id"] in set(runs["run_id"])
+
+
+def test_second_repro_is_a_no_op(repo):
+    root, env, _ = repo
+    again = _run(["dvc", "repro"], root, env)
+    assert "Running stage" not in again.stdout
+    status = _run(["dvc", "status"], root, env)
+    assert "up to date" in status.stdout
