@@ -143,18 +143,67 @@ class DenseGrid(Strict):
     models: list[str] = Field(min_length=1)
 
 
+BudgetType = Literal["channel", "volume", "params", "flops"]
+
+
+class PruneGrid(Strict):
+    """The pruning grid dvc.yaml expands: datasets x models x budget types x targets."""
+
+    methods: list[Literal["chipnet"]] = Field(min_length=1)
+    datasets: list[str] = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+    budget_types: list[BudgetType] = Field(min_length=1)
+    targets: list[float] = Field(min_length=1)
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[float]) -> list[float]:
+        bad = [t for t in v if not 0.0 < t <= 1.0]
+        if bad:
+            raise ValueError(f"budget targets must be in (0, 1], got {bad}")
+        return v
+
+
+class LearnMasksConfig(Strict):
+    """ChipNet mask learning; defaults are the authors' (DESIGN.md section 4)."""
+
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=2)
+    eval_batch_size: int = Field(1024, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    # Adam moves zeta by about lr per step, and beta/gamma change per epoch: on a dataset
+    # with far fewer steps per epoch than CIFAR (1,400 at batch 32), raise the gates' lr
+    # so they travel as far per epoch. None = lr (the authors' setting).
+    gate_lr: float | None = Field(None, gt=0, le=10)
+    weight_decay: float = Field(1e-3, ge=0, le=1)  # on weights; zeta gets none
+    w_budget: float = Field(30.0, ge=0)
+    w_crisp: float = Field(10.0, ge=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    channels_last: bool = True
+    bf16: bool = True
+
+
 class Params(Strict):
     datasets: dict[str, DatasetConfig]
     models: dict[str, ModelConfig]
     dense: DenseGrid
     train_dense: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    prune: PruneGrid | None = None
+    learn_masks: LearnMasksConfig = LearnMasksConfig()
+    # Fine-tuning recipe per pruning method (chipnet, chip, ...): a TrainConfig each.
+    finetune: dict[str, TrainConfig] = {}
 
     @model_validator(mode="after")
     def _grid_names(self) -> Params:
         for key, names, known in (
             ("dense.datasets", self.dense.datasets, self.datasets),
             ("dense.models", self.dense.models, self.models),
+        ) + (
+            (("finetune", self.prune.methods, self.finetune),
+             ("prune.datasets", self.prune.datasets, self.datasets),
+             ("prune.models", self.prune.models, self.models)) if self.prune else ()
         ):
             for name in names:
                 if name not in known:

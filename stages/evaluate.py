@@ -17,6 +17,7 @@ from chipprune.config import load_params
 from chipprune.counting import measure_cost
 from chipprune.data import load_prepared
 from chipprune.latency import median_latency_ms
+from chipprune.models import create_model
 from chipprune.train import DeviceData, evaluate, resolve_device
 from stages._common import run_main
 
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         test = DeviceData.from_split(data.splits["test"], data.meta, device)
         acc = evaluate(model, test, cfg.batch_size)
         cost = measure_cost(model, shape)
+        dense_kwargs = {k: v for k, v in ckpt["model_kwargs"].items() if k not in ("widths", "kept")}
+        dense_cost = measure_cost(create_model(ckpt["model_name"], **dense_kwargs), shape)
         latency = {
             f"latency_ms_bs{bs}": median_latency_ms(
                 model, shape, bs, device, cfg.latency.warmup, cfg.latency.repeats
@@ -62,13 +65,17 @@ def main(argv: list[str] | None = None) -> None:
             "params": cost.params,
             "macs": cost.macs,
             "macs_with_bn": cost.macs_with_bn,
+            "params_fraction": cost.params / dense_cost.params,
+            "macs_fraction": cost.macs / dense_cost.macs,
             **latency,
         }
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         report = {
             **metrics,
             "model": ckpt["model_name"],
-            "model_kwargs": ckpt["model_kwargs"],
+            "model_kwargs": dense_kwargs,  # widths / kept live in the checkpoint
+            "method": ckpt.get("masks", {}).get("method", "dense"),
+            "budget": ckpt.get("masks", {}).get("budget"),
             "dataset": data.meta.get("name"),
             "device": str(device),
             "test_size": len(test),

@@ -34,6 +34,9 @@ def repo(tmp_path_factory):
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train_dense"]["epochs"] = 1
+    params["learn_masks"]["epochs"] = 2
+    params["finetune"]["chipnet"]["epochs"] = 1
+    params["prune"].update(budget_types=["flops"], targets=[0.5])
     params["evaluate"]["latency"] = {"batch_sizes": [1, 8], "warmup": 1, "repeats": 2}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = {
@@ -73,12 +76,32 @@ def test_every_executed_stage_has_an_mlflow_run(repo):
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["chipprune"])
     assert sorted(runs["tags.mlflow.runName"]) == [
-        "evaluate@dense-digits-resnet20", "prepare@digits", "train_dense@digits-resnet20",
+        "evaluate@chipnet-flops-0.5-digits-resnet20",
+        "evaluate@dense-digits-resnet20",
+        "finetune@chipnet-flops-0.5-digits-resnet20",
+        "learn_masks@digits-resnet20-flops-0.5",
+        "prepare@digits",
+        "train_dense@digits-resnet20",
     ]
     assert set(runs["status"]) == {"FINISHED"}
     for stage_file in ("runs/prepare/digits", "runs/dense/digits-resnet20", "runs/dense/digits-resnet20/eval"):
         info = json.loads((root / stage_file / "mlflow_run.json").read_text())
         assert info["run_id"] in set(runs["run_id"])
+
+
+def test_chipnet_masks_meet_the_budget_and_counting_agrees(repo):
+    root, _, _ = repo
+    masks = json.loads((root / "runs/chipnet/flops-0.5-digits-resnet20/masks.json").read_text())
+    assert masks["method"] == "chipnet" and masks["budget"]["type"] == "flops"
+    achieved = masks["budget"]["achieved"]
+    assert 0.5 <= achieved <= 0.51
+    metrics = json.loads(
+        (root / "runs/finetune/chipnet-flops-0.5-digits-resnet20/eval/metrics.json").read_text()
+    )
+    # the hard budget is the exact MACs fraction of the physically pruned model
+    assert metrics["macs_fraction"] == pytest.approx(achieved, rel=1e-12)
+    assert metrics["method"] == "chipnet"
+    assert (root / "runs/chipnet/flops-0.5-digits-resnet20/gates.png").stat().st_size > 10_000
 
 
 def test_second_repro_is_a_no_op(repo):

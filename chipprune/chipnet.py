@@ -1,0 +1,133 @@
+"""ChipNet mask learning (Tiwari et al., ICLR 2021): weights and gates train together on
+CE + w_budget * (V_soft - target)^2 + w_crisp * crispness; every epoch the gates are
+binarised at exactly the budget and the hard-masked model is validated; the best
+hard-mask epoch is kept."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from chipprune.budgets import BudgetModel
+from chipprune.gates import ChannelGates, GateSchedule
+from chipprune.masking import apply_hard_masks
+from chipprune.thresholding import keep_at_budget
+from chipprune.train import DeviceData, TrainHooks, evaluate
+
+
+def adamw(model: nn.Module, gates: ChannelGates, lr: float, weight_decay: float,
+          gate_lr: float | None = None):
+    """AdamW: weight decay on the network's weights, none on zeta (the authors' choice)."""
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if p.requires_grad],
+             "weight_decay": weight_decay},
+            {"params": list(gates.parameters()), "weight_decay": 0.0, "lr": gate_lr or lr},
+        ],
+        lr=lr,
+    )
+
+
+@dataclass
+class BestHard:
+    epoch: int
+    val_top1: float
+    achieved: float
+    keep: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]
+    z: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class ChipNetHooks(TrainHooks):
+    """Adds ChipNet's losses, schedules and per-epoch hard validation to `train.fit`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        gates: ChannelGates,
+        budget: BudgetModel,
+        kind: str,
+        target: float,
+        val: DeviceData,
+        *,
+        schedule: GateSchedule | None = None,
+        w_budget: float = 30.0,
+        w_crisp: float = 10.0,
+        eval_batch_size: int = 1024,
+    ):
+        self.model, self.gates, self.budget = model, gates, budget
+        self.kind, self.target, self.val = kind, target, val
+        self.schedule = schedule or GateSchedule()
+        self.w_budget, self.w_crisp = w_budget, w_crisp
+        self.eval_batch_size = eval_batch_size
+        self.best: BestHard | None = None
+        self.first_z: dict[str, torch.Tensor] | None = None
+        self.handles = gates.attach(model)
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def on_step(self, step: int, steps_per_epoch: int) -> None:
+        epoch = step // steps_per_epoch
+        self.gates.set_schedule(self.schedule, epoch, step / steps_per_epoch)
+
+    def extra_loss(self, model: nn.Module):
+        soft = self.budget.fraction(self.kind, self.gates.soft_counts())
+        budget_loss = (soft - self.target) ** 2
+        crisp = self.gates.crispness_loss()
+        logs = {"budget_loss": budget_loss, "crisp_loss": crisp, "soft_budget": soft}
+        return self.w_budget * budget_loss + self.w_crisp * crisp, logs
+
+    @torch.no_grad()
+    def hard_masks(self):
+        z = {g: v.detach() for g, v in self.gates.all_z().items()}
+        return z, keep_at_budget(z, self.budget, self.kind, self.target)
+
+    @torch.no_grad()
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> dict[str, float]:
+        z, hard = self.hard_masks()
+        if self.first_z is None:
+            self.first_z = {g: v.cpu() for g, v in z.items()}
+        self.detach()  # validate the binarised model, then put the soft gates back
+        handles = apply_hard_masks(model, hard.keep)
+        acc = evaluate(model, self.val, self.eval_batch_size)["top1"]
+        for h in handles:
+            h.remove()
+        self.handles = self.gates.attach(model)
+        if self.best is None or acc >= self.best.val_top1:  # ties: the later, crisper epoch
+            self.best = BestHard(
+                epoch=epoch + 1, val_top1=acc, achieved=hard.achieved,
+                keep={g: k.cpu() for g, k in hard.keep.items()},
+                weights={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                z={g: v.cpu() for g, v in z.items()},
+            )
+        kept = sum(int(k.sum()) for k in hard.keep.values())
+        return {
+            "val_hard_top1": acc,
+            "hard_budget": hard.achieved,
+            "crisp_fraction": self.gates.crisp_fraction(),
+            "kept_channels": float(kept),
+            "beta": self.gates.beta,
+            "gamma": self.gates.gamma,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        best = None if self.best is None else copy.copy(vars(self.best))
+        return {
+            "gates": {k: v.detach().cpu() for k, v in self.gates.state_dict().items()},
+            "schedule": self.gates.schedule_state(),
+            "best": best,
+            "first_z": self.first_z,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gates.load_state_dict(state["gates"])
+        self.gates.load_schedule_state(state["schedule"])
+        self.best = None if state["best"] is None else BestHard(**state["best"])
+        self.first_z = state["first_z"]

@@ -1,0 +1,106 @@
+"""ChipNet's gates: one learnable zeta per output channel of every coupling group, turned
+into a near-binary gate by the continuous Heaviside, multiplying the BN outputs (after the
+affine, before the ReLU and the residual add) of the group's convs.
+
+    psi = sigmoid(beta * zeta);  z = 1 - exp(-gamma * psi) + psi * exp(-gamma)
+
+One zeta per coupling group (not per conv): channels tied by a residual add are kept or
+dropped together, so the gated model is exactly the model surgery can build.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from chipprune.masking import attach_channel_scales
+from chipprune.models import PrunableNet
+
+
+def heaviside(psi: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Continuous Heaviside on [0, 1]: H(0) = 0, H(1) = 1, sharper as gamma grows."""
+    return 1.0 - torch.exp(-gamma * psi) + psi * math.exp(-gamma)
+
+
+@dataclass(frozen=True)
+class GateSchedule:
+    """Per-epoch beta and gamma, per-step soft-count steepness (the authors' defaults)."""
+
+    beta0: float = 1.0
+    beta_step: float = 0.02
+    beta_max: float = 6.0
+    gamma0: float = 2.0
+    gamma_mult: float = math.sqrt(2.0)
+    gamma_max: float = 256.0
+    steep0: float = 10.0
+    steep_step: float = 5.0
+    steep_max: float = 60.0
+
+    def beta(self, epoch: int) -> float:
+        return min(self.beta_max, self.beta0 + self.beta_step * epoch)
+
+    def gamma(self, epoch: int) -> float:
+        return min(self.gamma_max, self.gamma0 * self.gamma_mult**epoch)
+
+    def steepness(self, epoch: float) -> float:
+        """`epoch` may be fractional (step / steps_per_epoch): the rise is smooth per step."""
+        return min(self.steep_max, self.steep0 + self.steep_step * epoch)
+
+
+class ChannelGates(nn.Module):
+    """zeta per group; `attach(model)` makes every forward of `model` gated by z."""
+
+    def __init__(self, widths: dict[str, int], init_max: float = 0.01, generator=None):
+        super().__init__()
+        self.groups = list(widths)
+        # ParameterDict keys may not contain dots; keep our own order and names.
+        self.zeta = nn.ParameterList(
+            nn.Parameter(torch.rand(w, generator=generator) * init_max) for w in widths.values()
+        )
+        self.beta, self.gamma, self.steep = 1.0, 2.0, 10.0
+
+    @classmethod
+    def for_model(cls, model: PrunableNet, generator=None) -> ChannelGates:
+        return cls(model.describe().widths(), generator=generator)
+
+    def set_schedule(self, sched: GateSchedule, epoch: int, epoch_float: float) -> None:
+        self.beta, self.gamma = sched.beta(epoch), sched.gamma(epoch)
+        self.steep = sched.steepness(epoch_float)
+
+    def psi(self, i: int) -> torch.Tensor:
+        return torch.sigmoid(self.beta * self.zeta[i])
+
+    def z(self, i: int) -> torch.Tensor:
+        return heaviside(self.psi(i), self.gamma)
+
+    def all_z(self) -> dict[str, torch.Tensor]:
+        return {g: self.z(i) for i, g in enumerate(self.groups)}
+
+    def crispness_loss(self) -> torch.Tensor:
+        """mean over every gate of (z - psi)^2: zero exactly when each psi is 0 or 1."""
+        sq = torch.cat([(self.z(i) - self.psi(i)).pow(2) for i in range(len(self.groups))])
+        return sq.mean()
+
+    def soft_counts(self) -> dict[str, torch.Tensor]:
+        """Soft number of kept channels per group: sum of sigmoid(steep * (z - 0.5))."""
+        return {g: torch.sigmoid(self.steep * (z - 0.5)).sum() for g, z in self.all_z().items()}
+
+    def crisp_fraction(self, tol: float = 0.05) -> float:
+        z = torch.cat([self.z(i).detach() for i in range(len(self.groups))])
+        return float(((z < tol) | (z > 1 - tol)).float().mean())
+
+    def attach(self, model: nn.Module) -> list:
+        scales: dict[str, Callable[[], torch.Tensor]] = {
+            g: (lambda i=i: self.z(i)) for i, g in enumerate(self.groups)
+        }
+        return attach_channel_scales(model, scales)
+
+    def schedule_state(self) -> dict[str, float]:
+        return {"beta": self.beta, "gamma": self.gamma, "steep": self.steep}
+
+    def load_schedule_state(self, state: dict[str, float]) -> None:
+        self.beta, self.gamma, self.steep = state["beta"], state["gamma"], state["steep"]

@@ -1,0 +1,73 @@
+"""The one routine that turns per-channel scores into keep-masks at a budget, for every
+method: rank all channels globally, keep the best of each group (no layer left empty),
+then add channels in rank order until the exact (hard) budget is met from above."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from chipprune.budgets import BudgetModel
+
+
+@dataclass(frozen=True)
+class KeepResult:
+    keep: dict[str, torch.Tensor]  # group -> (C,) bool
+    achieved: float  # hard budget of `keep`, >= target unless target is below the minimum
+    target: float
+
+
+def keep_at_budget(
+    scores: dict[str, torch.Tensor], budget: BudgetModel, kind: str, target: float
+) -> KeepResult:
+    """Keep-masks whose hard `kind` budget is the smallest value >= target reachable by
+    adding channels in descending score order (ties: group order, then channel index)."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"budget target must be in (0, 1], got {target}")
+    groups = list(budget.dense_widths)
+    missing = set(groups) - set(scores)
+    if missing:
+        raise ValueError(f"scores missing for groups {sorted(missing)}")
+    for g in groups:
+        if scores[g].shape != (budget.dense_widths[g],):
+            raise ValueError(f"scores[{g!r}] has shape {tuple(scores[g].shape)}, "
+                             f"expected ({budget.dense_widths[g]},)")
+
+    flat = torch.cat([scores[g].detach().double().cpu() for g in groups])  # (N,)
+    gid = torch.cat([torch.full((budget.dense_widths[g],), i) for i, g in enumerate(groups)])
+    # Stable sort on -score keeps (group order, index) order among ties.
+    order = torch.sort(-flat, stable=True).indices
+    forced = torch.zeros_like(flat, dtype=torch.bool)
+    seen: set[int] = set()
+    for j in order.tolist():  # the best channel of every group is always kept
+        if int(gid[j]) not in seen:
+            seen.add(int(gid[j]))
+            forced[j] = True
+    rest = order[~forced[order]]
+
+    def widths_at(m: int) -> dict[str, int]:
+        counts = torch.bincount(gid[forced], minlength=len(groups))
+        counts += torch.bincount(gid[rest[:m]], minlength=len(groups))
+        return {g: int(c) for g, c in zip(groups, counts, strict=True)}
+
+    def value(m: int) -> float:
+        return float(budget.fraction(kind, widths_at(m)))
+
+    lo, hi = 0, len(rest)  # smallest m with value(m) >= target; value is monotone in m
+    if value(lo) >= target:
+        hi = lo
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if value(mid) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    chosen = forced.clone()
+    chosen[rest[:hi]] = True
+    keep, start = {}, 0
+    for g in groups:
+        n = budget.dense_widths[g]
+        keep[g] = chosen[start : start + n].clone()
+        start += n
+    return KeepResult(keep=keep, achieved=value(hi), target=target)

@@ -1,0 +1,124 @@
+"""DVC stage `learn_masks`: ChipNet on a dense checkpoint at one budget (type, target).
+Writes masks.json, the best hard-mask checkpoint (learned weights, dense architecture),
+a per-epoch CSV for `dvc plots`, a PNG of gate values, and an MLflow run.
+
+    python -m stages.learn_masks <dataset> <model> <budget_type> <target> <data_dir> <dense_ckpt> <out_dir>
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from chipprune import tracking
+from chipprune.atomic import write_text
+from chipprune.budgets import BudgetModel
+from chipprune.checkpoint import (
+    load_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from chipprune.chipnet import ChipNetHooks, adamw
+from chipprune.config import ConfigError, ScheduleConfig, TrainConfig, load_params
+from chipprune.data import load_prepared
+from chipprune.gates import ChannelGates
+from chipprune.masks import masks_from_keep, save_masks
+from chipprune.plots import gate_values_figure, save_png
+from chipprune.resume import ResumeStore, fingerprint
+from chipprune.train import DeviceData, fit, resolve_device, seed_everything
+from stages._common import RESUME_DIR, run_main
+from stages.train_dense import history_csv
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="stages.learn_masks", description=__doc__)
+    for a in ("dataset", "model", "budget_type", "target", "data_dir", "dense_ckpt", "out_dir"):
+        ap.add_argument(a)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+
+    params = load_params(args.params)
+    cfg = params.learn_masks
+    if args.dataset not in params.datasets:
+        raise ConfigError(f"datasets.{args.dataset}: not defined in {args.params}")
+    if args.budget_type not in ("channel", "volume", "params", "flops"):
+        raise ConfigError(f"budget type {args.budget_type!r}: allowed channel, volume, params, flops")
+    try:
+        target = float(args.target)
+    except ValueError:
+        raise ConfigError(f"budget target {args.target!r} is not a number") from None
+    if not 0.0 < target <= 1.0:
+        raise ConfigError(f"budget target {target} must be in (0, 1]")
+    augment = params.datasets[args.dataset].augment
+
+    data = load_prepared(Path(args.data_dir), splits=("train", "val"))
+    meta = data.meta
+    dense = load_checkpoint(args.dense_ckpt)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed, device)
+    model = model_from_checkpoint(dense, args.dense_ckpt).to(device)
+    shape = tuple(meta["image_shape"])
+    budget = BudgetModel.from_model(model, shape)
+    gates = ChannelGates.for_model(model, generator=torch.Generator().manual_seed(cfg.seed))
+    gates.to(device)
+    train = DeviceData.from_split(data.splits["train"], meta, device)
+    val = DeviceData.from_split(data.splits["val"], meta, device)
+
+    name = f"learn_masks@{args.dataset}-{args.model}-{args.budget_type}-{args.target}"
+    config = {
+        "learn_masks": cfg.model_dump(), "budget": {"type": args.budget_type, "target": target},
+        "dataset": args.dataset, "model": args.model, "augment": augment.model_dump(),
+    }
+    # fit() drives the loop; ChipNet's optimiser and constant lr replace the dense recipe.
+    loop = TrainConfig(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+        schedule=ScheduleConfig(kind="constant"), seed=cfg.seed, device=cfg.device,
+        channels_last=cfg.channels_last, bf16=cfg.bf16,
+    )
+    hooks = ChipNetHooks(
+        model, gates, budget, args.budget_type, target, val,
+        w_budget=cfg.w_budget, w_crisp=cfg.w_crisp, eval_batch_size=cfg.eval_batch_size,
+    )
+    out = Path(args.out_dir)
+    dense_sha = tracking.file_sha256(args.dense_ckpt)
+    resume = ResumeStore(RESUME_DIR / f"{name}.pt", fingerprint(config, meta, dense_sha))
+    with tracking.stage_run(name, config, out / "mlflow_run.json",
+                            inputs={"dense_checkpoint": args.dense_ckpt}):
+        import mlflow
+
+        result = fit(model, train, val, loop, augment,
+                     optimizer=adamw(model, gates, cfg.lr, cfg.weight_decay, cfg.gate_lr), hooks=hooks,
+                     resume=resume, log=lambda row: tracking.log_history([row]))
+        tracking.log_history(result.history[: result.resumed_from_epoch])
+        hooks.detach()
+        best = hooks.best
+        masks = masks_from_keep(
+            dense["model_name"], dense["model_kwargs"], model.describe(), best.keep,
+            dataset=args.dataset, method="chipnet",
+            budget={"type": args.budget_type, "target": target, "achieved": best.achieved},
+            extra={"best_epoch": best.epoch, "val_hard_top1": best.val_top1,
+                   "weights": "checkpoint.pt"},  # finetune starts from the learned weights
+        )
+        save_masks(masks, out / "masks.json")
+        ckpt = make_checkpoint(model, dense["model_name"], dense["model_kwargs"],
+                               config=config, data_meta=meta, history=result.history)
+        ckpt["state_dict"] = best.weights  # the weights of the best hard-mask epoch
+        save_checkpoint(ckpt, out / "checkpoint.pt")
+        write_text(out / "history.csv", history_csv(result.history))
+        last = {g: v.detach().cpu() for g, v in gates.all_z().items()}
+        save_png(gate_values_figure(hooks.first_z, last, name), out / "gates.png")
+        for f in ("masks.json", "history.csv", "gates.png"):
+            mlflow.log_artifact(str(out / f))
+        mlflow.log_metrics({"best_val_hard_top1": best.val_top1, "achieved_budget": best.achieved,
+                            "best_epoch": best.epoch})
+    resume.clear()
+    print(f"{name}: best epoch {best.epoch}, hard val top1 {best.val_top1:.4f}, "
+          f"budget {best.achieved:.4f} (target {target})", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

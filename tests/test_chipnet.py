@@ -1,0 +1,74 @@
+"""ChipNet mask learning on a tiny task: the soft budget is driven to the target, the hard
+masks meet it exactly from above, and a resumed run continues gates and schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chipprune.budgets import BudgetModel
+from chipprune.chipnet import ChipNetHooks, adamw
+from chipprune.config import AugmentConfig, ScheduleConfig, TrainConfig
+from chipprune.gates import ChannelGates
+from chipprune.models import create_model
+from chipprune.resume import ResumeStore
+from chipprune.train import fit
+from tests.test_train import _data
+
+LOOP = TrainConfig(epochs=4, batch_size=16, schedule=ScheduleConfig(kind="constant"))
+AUG = AugmentConfig(crop_padding=0, flip=False)
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = create_model("resnet20", num_classes=4, in_channels=1)
+    gates = ChannelGates.for_model(model, generator=torch.Generator().manual_seed(seed))
+    budget = BudgetModel.from_model(model, (1, 8, 8))
+    return model, gates, budget
+
+
+def test_soft_budget_is_driven_to_the_target_and_hard_masks_meet_it():
+    data = _data()
+    model, gates, budget = _setup()
+    hooks = ChipNetHooks(model, gates, budget, "flops", 0.3, data)
+    hist = fit(model, data, data, LOOP, AUG, optimizer=adamw(model, gates, 1e-3, 1e-3, 0.2),
+               hooks=hooks).history
+    # gates start at z = H(sigmoid(~0)) ~ 0.7 (soft budget ~0.9) and are pulled to the target
+    assert hist[0]["soft_budget"] > hist[-1]["soft_budget"]
+    assert abs(hist[-1]["soft_budget"] - 0.3) < 0.05
+    for row in hist:
+        assert 0.3 <= row["hard_budget"] <= 0.31
+    best = hooks.best
+    assert best.val_top1 == max(r["val_hard_top1"] for r in hist)
+    widths = {g: int(k.sum()) for g, k in best.keep.items()}
+    assert budget.fraction("flops", widths) == pytest.approx(best.achieved)
+
+
+def test_resumed_run_continues_gates_and_schedule(tmp_path):
+    data = _data()
+    model, gates, budget = _setup()
+    ref_hooks = ChipNetHooks(model, gates, budget, "params", 0.5, data)
+    ref = fit(model, data, data, LOOP, AUG, optimizer=adamw(model, gates, 1e-3, 1e-3, 0.1),
+              hooks=ref_hooks).history
+
+    store = ResumeStore(tmp_path / "s.pt", "fp")
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    model, gates, budget = _setup()
+    hooks = ChipNetHooks(model, gates, budget, "params", 0.5, data)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, data, data, LOOP, AUG, optimizer=adamw(model, gates, 1e-3, 1e-3, 0.1),
+            hooks=hooks, resume=store, log=stop_after_two)
+
+    model, gates, budget = _setup(seed=5)  # different init: everything must come from the file
+    hooks = ChipNetHooks(model, gates, budget, "params", 0.5, data)
+    res = fit(model, data, data, LOOP, AUG, optimizer=adamw(model, gates, 1e-3, 1e-3, 0.1),
+              hooks=hooks, resume=store)
+    assert res.resumed_from_epoch == 2
+    assert [r["gamma"] for r in res.history] == [r["gamma"] for r in ref]
+    assert [r["soft_budget"] for r in res.history] == pytest.approx([r["soft_budget"] for r in ref])
+    for a, b in zip(ref_hooks.gates.zeta, hooks.gates.zeta, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
