@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from chipprune.counting import measure_cost
+from chipprune.counting import forward_zero_image, measure_cost
 from chipprune.models import PrunableNet
 
 BUDGET_TYPES = ("channel", "volume", "params", "flops")
@@ -118,14 +118,9 @@ def _output_areas(model: nn.Module, input_size: tuple[int, int, int]) -> dict[st
         for name, m in model.named_modules()
         if isinstance(m, nn.Conv2d)
     ]
-    first = next(model.parameters())
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_size, device=first.device, dtype=first.dtype))
+        forward_zero_image(model, input_size)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return areas

@@ -34,6 +34,20 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def forward_zero_image(model: nn.Module, input_size: tuple[int, int, int]) -> None:
+    """One eval-mode, no-grad forward of a zero image (C, H, W), for hooks to observe; the
+    train/eval flags of every module are restored and no BN statistic changes."""
+    training = {m: m.training for m in model.modules()}
+    first = next(model.parameters())
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, device=first.device, dtype=first.dtype))
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+
+
 def measure_cost(model: nn.Module, input_size: tuple[int, int, int]) -> ModelCost:
     """Params and per-image MACs from one forward of a zero image (C, H, W) in eval mode.
 
@@ -61,17 +75,11 @@ def measure_cost(model: nn.Module, input_size: tuple[int, int, int]) -> ModelCos
         for kind, fn in hooks.items()
         if isinstance(m, kind)
     ]
-    training = {m: m.training for m in model.modules()}
-    first = next(model.parameters())
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_size, device=first.device, dtype=first.dtype))
+        forward_zero_image(model, input_size)
     finally:
         for h in handles:
             h.remove()
-        for m, flag in training.items():
-            m.training = flag
     return ModelCost(count_params(model), macs, macs + bn)
 
 
