@@ -149,7 +149,9 @@ BudgetType = Literal["channel", "volume", "params", "flops"]
 class PruneGrid(Strict):
     """The pruning grid dvc.yaml expands: datasets x models x budget types x targets."""
 
-    methods: list[Literal["chipnet"]] = Field(min_length=1)
+    # Every method fine-tuned and evaluated; `baselines` are those made by baseline_masks.
+    methods: list[Literal["chipnet", "random", "l1", "uniform"]] = Field(min_length=1)
+    baselines: list[Literal["random", "l1", "uniform"]] = []
     datasets: list[str] = Field(min_length=1)
     models: list[str] = Field(min_length=1)
     budget_types: list[BudgetType] = Field(min_length=1)
@@ -162,6 +164,17 @@ class PruneGrid(Strict):
         if bad:
             raise ValueError(f"budget targets must be in (0, 1], got {bad}")
         return v
+
+    @model_validator(mode="after")
+    def _baselines_are_methods(self) -> PruneGrid:
+        missing = sorted(set(self.baselines) - set(self.methods))
+        if missing:
+            raise ValueError(f"baselines {missing} must also be listed in prune.methods")
+        return self
+
+
+class BaselinesConfig(Strict):
+    seed: int = 0  # of the random baseline
 
 
 class LearnMasksConfig(Strict):
@@ -192,6 +205,7 @@ class Params(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     prune: PruneGrid | None = None
     learn_masks: LearnMasksConfig = LearnMasksConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
     # Fine-tuning recipe per pruning method (chipnet, chip, ...): a TrainConfig each.
     finetune: dict[str, TrainConfig] = {}
 

@@ -19,10 +19,19 @@ class KeepResult:
 
 
 def keep_at_budget(
-    scores: dict[str, torch.Tensor], budget: BudgetModel, kind: str, target: float
+    scores: dict[str, torch.Tensor],
+    budget: BudgetModel,
+    kind: str,
+    target: float,
+    tolerance: float = 0.01,
 ) -> KeepResult:
     """Keep-masks whose hard `kind` budget is the smallest value >= target reachable by
-    adding channels in descending score order (ties: group order, then channel index)."""
+    adding channels in descending score order (ties: group order, then channel index).
+
+    One channel of a wide residual stream can cost several percent of a volume budget; if
+    the channel that crosses the target overshoots by more than `tolerance`, the channels
+    after it in rank order are tried instead, each taken if it keeps the budget within
+    target + tolerance, until the target is met."""
     if not 0.0 < target <= 1.0:
         raise ValueError(f"budget target must be in (0, 1], got {target}")
     groups = list(budget.dense_widths)
@@ -65,9 +74,26 @@ def keep_at_budget(
             lo = mid + 1
     chosen = forced.clone()
     chosen[rest[:hi]] = True
+    if hi > 0 and value(hi) > target + tolerance:
+        chosen[rest[hi - 1]] = False
+        counts = widths_at(hi - 1)
+        for j in rest[hi:].tolist():
+            g = groups[int(gid[j])]
+            counts[g] += 1
+            v = float(budget.fraction(kind, counts))
+            if v > target + tolerance:
+                counts[g] -= 1
+                continue
+            chosen[j] = True
+            if v >= target:
+                break
+        else:  # nothing small enough fills the gap: fall back to the crossing channel
+            chosen = forced.clone()
+            chosen[rest[:hi]] = True
     keep, start = {}, 0
     for g in groups:
         n = budget.dense_widths[g]
         keep[g] = chosen[start : start + n].clone()
         start += n
-    return KeepResult(keep=keep, achieved=value(hi), target=target)
+    achieved = float(budget.fraction(kind, {g: int(k.sum()) for g, k in keep.items()}))
+    return KeepResult(keep=keep, achieved=achieved, target=target)

@@ -15,6 +15,22 @@ from chipprune.checkpoint import CheckpointError
 from chipprune.config import ConfigError
 from chipprune.data import DataFileError
 
+
+def parse_budget(kind: str, target: str) -> float:
+    """Budget type and target from argv (DVC matrix values), as a ConfigError if bad."""
+    from chipprune.budgets import BUDGET_TYPES
+
+    if kind not in BUDGET_TYPES:
+        raise ConfigError(f"budget type {kind!r}: allowed {', '.join(BUDGET_TYPES)}")
+    try:
+        value = float(target)
+    except ValueError:
+        raise ConfigError(f"budget target {target!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"budget target {value} must be in (0, 1]")
+    return value
+
+
 USER_ERRORS = (ConfigError, CheckpointError, DataFileError, FileNotFoundError)
 RESUME_DIR = Path(".chipprune") / "resume"
 

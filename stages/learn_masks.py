@@ -30,7 +30,7 @@ from chipprune.masks import masks_from_keep, save_masks
 from chipprune.plots import gate_values_figure, save_png
 from chipprune.resume import ResumeStore, fingerprint
 from chipprune.train import DeviceData, fit, resolve_device, seed_everything
-from stages._common import RESUME_DIR, run_main
+from stages._common import RESUME_DIR, parse_budget, run_main
 from stages.train_dense import history_csv
 
 
@@ -45,14 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params.learn_masks
     if args.dataset not in params.datasets:
         raise ConfigError(f"datasets.{args.dataset}: not defined in {args.params}")
-    if args.budget_type not in ("channel", "volume", "params", "flops"):
-        raise ConfigError(f"budget type {args.budget_type!r}: allowed channel, volume, params, flops")
-    try:
-        target = float(args.target)
-    except ValueError:
-        raise ConfigError(f"budget target {args.target!r} is not a number") from None
-    if not 0.0 < target <= 1.0:
-        raise ConfigError(f"budget target {target} must be in (0, 1]")
+    target = parse_budget(args.budget_type, args.target)
     augment = params.datasets[args.dataset].augment
 
     data = load_prepared(Path(args.data_dir), splits=("train", "val"))
@@ -68,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     train = DeviceData.from_split(data.splits["train"], meta, device)
     val = DeviceData.from_split(data.splits["val"], meta, device)
 
-    name = f"learn_masks@{args.dataset}-{args.model}-{args.budget_type}-{args.target}"
+    name = f"learn_masks@{args.budget_type}-{args.target}-{args.dataset}-{args.model}"
     config = {
         "learn_masks": cfg.model_dump(), "budget": {"type": args.budget_type, "target": target},
         "dataset": args.dataset, "model": args.model, "augment": augment.model_dump(),

@@ -36,7 +36,9 @@ def repo(tmp_path_factory):
     params["train_dense"]["epochs"] = 1
     params["learn_masks"]["epochs"] = 2
     params["finetune"]["chipnet"]["epochs"] = 1
-    params["prune"].update(budget_types=["flops"], targets=[0.5])
+    params["prune"].update(
+        methods=["chipnet", "random"], baselines=["random"], budget_types=["flops"], targets=[0.5]
+    )
     params["evaluate"]["latency"] = {"batch_sizes": [1, 8], "warmup": 1, "repeats": 2}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = {
@@ -76,10 +78,13 @@ def test_every_executed_stage_has_an_mlflow_run(repo):
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["chipprune"])
     assert sorted(runs["tags.mlflow.runName"]) == [
+        "baseline_masks@random-flops-0.5-digits-resnet20",
         "evaluate@chipnet-flops-0.5-digits-resnet20",
         "evaluate@dense-digits-resnet20",
+        "evaluate@random-flops-0.5-digits-resnet20",
         "finetune@chipnet-flops-0.5-digits-resnet20",
-        "learn_masks@digits-resnet20-flops-0.5",
+        "finetune@random-flops-0.5-digits-resnet20",
+        "learn_masks@flops-0.5-digits-resnet20",
         "prepare@digits",
         "train_dense@digits-resnet20",
     ]
@@ -102,6 +107,8 @@ def test_chipnet_masks_meet_the_budget_and_counting_agrees(repo):
     assert metrics["macs_fraction"] == pytest.approx(achieved, rel=1e-12)
     assert metrics["method"] == "chipnet"
     assert (root / "runs/chipnet/flops-0.5-digits-resnet20/gates.png").stat().st_size > 10_000
+    random_masks = json.loads((root / "runs/random/flops-0.5-digits-resnet20/masks.json").read_text())
+    assert 0.5 <= random_masks["budget"]["achieved"] <= 0.51
 
 
 def test_second_repro_is_a_no_op(repo):

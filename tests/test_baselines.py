@@ -1,0 +1,57 @@
+"""Baselines meet the budget exactly as the methods do, with their defining properties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chipprune.baselines import BASELINES, baseline_scores, l1_scores, uniform_scores
+from chipprune.budgets import BUDGET_TYPES, BudgetModel
+from chipprune.models import create_model
+from chipprune.thresholding import keep_at_budget
+
+
+@pytest.fixture(scope="module")
+def resnet56():
+    torch.manual_seed(0)
+    model = create_model("resnet56")
+    return model, BudgetModel.from_model(model, (3, 32, 32))
+
+
+@pytest.mark.parametrize("method", BASELINES)
+@pytest.mark.parametrize("kind", BUDGET_TYPES)
+def test_each_baseline_meets_the_budget(resnet56, method, kind):
+    model, bm = resnet56
+    for target in (0.5, 0.25, 0.125):
+        r = keep_at_budget(baseline_scores(method, model, seed=1), bm, kind, target)
+        assert target <= r.achieved <= target + 0.01
+
+
+def test_uniform_keeps_the_same_fraction_in_every_layer(resnet56):
+    model, bm = resnet56
+    r = keep_at_budget(baseline_scores("uniform", model), bm, "channel", 0.5)
+    fractions = [int(k.sum()) / k.numel() for k in r.keep.values()]
+    assert max(fractions) - min(fractions) <= 1 / 16 + 1e-9  # one channel of the smallest layer
+
+
+def test_l1_keeps_the_largest_filters_within_a_layer(resnet56):
+    model, bm = resnet56
+    scores = l1_scores(model)
+    r = keep_at_budget(scores, bm, "params", 0.3)
+    for group, keep in r.keep.items():
+        if keep.all():
+            continue
+        assert scores[group][keep].min() >= scores[group][~keep].max()
+
+
+def test_uniform_scores_are_rank_quantiles():
+    q = uniform_scores({"a": torch.tensor([0.3, 0.9, 0.1, 0.5])})["a"]
+    assert q.tolist() == [0.5, 1.0, 0.25, 0.75]
+
+
+def test_random_is_seeded(resnet56):
+    model, _ = resnet56
+    a, b = baseline_scores("random", model, 3), baseline_scores("random", model, 3)
+    c = baseline_scores("random", model, 4)
+    assert all(torch.equal(a[g], b[g]) for g in a)
+    assert not all(torch.equal(a[g], c[g]) for g in a)
