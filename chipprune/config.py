@@ -150,7 +150,7 @@ class PruneGrid(Strict):
     """The pruning grid dvc.yaml expands: datasets x models x budget types x targets."""
 
     # Every method fine-tuned and evaluated; `baselines` are those made by baseline_masks.
-    methods: list[Literal["chipnet", "random", "l1", "uniform"]] = Field(min_length=1)
+    methods: list[Literal["chipnet", "chip", "random", "l1", "uniform"]] = Field(min_length=1)
     baselines: list[Literal["random", "l1", "uniform"]] = []
     datasets: list[str] = Field(min_length=1)
     models: list[str] = Field(min_length=1)
@@ -171,6 +171,16 @@ class PruneGrid(Strict):
         if missing:
             raise ValueError(f"baselines {missing} must also be listed in prune.methods")
         return self
+
+
+class ChipConfig(Strict):
+    """CHIP scoring: the authors score 5 batches x 128 augmented training images."""
+
+    batches: int = Field(5, ge=1)
+    batch_size: int = Field(128, ge=1)
+    augment: bool = True  # training augmentation on the scoring images, as the authors do
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class BaselinesConfig(Strict):
@@ -206,6 +216,7 @@ class Params(Strict):
     prune: PruneGrid | None = None
     learn_masks: LearnMasksConfig = LearnMasksConfig()
     baselines: BaselinesConfig = BaselinesConfig()
+    chip: ChipConfig = ChipConfig()
     # Fine-tuning recipe per pruning method (chipnet, chip, ...): a TrainConfig each.
     finetune: dict[str, TrainConfig] = {}
 

@@ -49,3 +49,14 @@ def kept_channels_figure(kept: dict[str, dict[str, int]], dense: dict[str, int],
     ax.legend()
     ax.set_title(title)
     return fig
+
+
+def ci_distribution_figure(per_conv: dict[str, torch.Tensor], title: str):
+    """One box per prunable conv: the spread of its channels' independence scores."""
+    fig, ax = plt.subplots(figsize=(11, 4))
+    names = list(per_conv)
+    ax.boxplot([per_conv[n].double().cpu().numpy() for n in names], showfliers=False)
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=90, fontsize=6)
+    ax.set_ylabel("channel independence (mean over images)")
+    ax.set_title(title)
+    return fig

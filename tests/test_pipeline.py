@@ -36,8 +36,11 @@ def repo(tmp_path_factory):
     params["train_dense"]["epochs"] = 1
     params["learn_masks"]["epochs"] = 2
     params["finetune"]["chipnet"]["epochs"] = 1
+    params["finetune"]["chip"]["epochs"] = 1
+    params["chip"].update(batches=2, batch_size=32)
     params["prune"].update(
-        methods=["chipnet", "random"], baselines=["random"], budget_types=["flops"], targets=[0.5]
+        methods=["chipnet", "chip", "random"], baselines=["random"], budget_types=["flops"],
+        targets=[0.5],
     )
     params["evaluate"]["latency"] = {"batch_sizes": [1, 8], "warmup": 1, "repeats": 2}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -79,13 +82,17 @@ def test_every_executed_stage_has_an_mlflow_run(repo):
     runs = mlflow.search_runs(experiment_names=["chipprune"])
     assert sorted(runs["tags.mlflow.runName"]) == [
         "baseline_masks@random-flops-0.5-digits-resnet20",
+        "evaluate@chip-flops-0.5-digits-resnet20",
         "evaluate@chipnet-flops-0.5-digits-resnet20",
         "evaluate@dense-digits-resnet20",
         "evaluate@random-flops-0.5-digits-resnet20",
+        "finetune@chip-flops-0.5-digits-resnet20",
         "finetune@chipnet-flops-0.5-digits-resnet20",
         "finetune@random-flops-0.5-digits-resnet20",
         "learn_masks@flops-0.5-digits-resnet20",
         "prepare@digits",
+        "score_channels@digits-resnet20",
+        "select_channels@chip-flops-0.5-digits-resnet20",
         "train_dense@digits-resnet20",
     ]
     assert set(runs["status"]) == {"FINISHED"}
@@ -107,8 +114,13 @@ def test_chipnet_masks_meet_the_budget_and_counting_agrees(repo):
     assert metrics["macs_fraction"] == pytest.approx(achieved, rel=1e-12)
     assert metrics["method"] == "chipnet"
     assert (root / "runs/chipnet/flops-0.5-digits-resnet20/gates.png").stat().st_size > 10_000
-    random_masks = json.loads((root / "runs/random/flops-0.5-digits-resnet20/masks.json").read_text())
-    assert 0.5 <= random_masks["budget"]["achieved"] <= 0.51
+    for method in ("random", "chip"):
+        other = json.loads((root / f"runs/{method}/flops-0.5-digits-resnet20/masks.json").read_text())
+        assert other["method"] == method and 0.5 <= other["budget"]["achieved"] <= 0.51
+        m = json.loads(
+            (root / f"runs/finetune/{method}-flops-0.5-digits-resnet20/eval/metrics.json").read_text()
+        )
+        assert m["macs_fraction"] == pytest.approx(other["budget"]["achieved"], rel=1e-12)
 
 
 def test_second_repro_is_a_no_op(repo):
