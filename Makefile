@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup
 	dvc repro
-	dvc metrics show
+	@cat results/report.md
 
 test: setup
 	ruff check .

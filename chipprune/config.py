@@ -207,6 +207,25 @@ class LearnMasksConfig(Strict):
     bf16: bool = True
 
 
+class TransferPair(Strict):
+    """Masks a method learned on `teacher` applied to the same architecture on `student`."""
+
+    method: Literal["chipnet", "chip", "random", "l1", "uniform"]
+    budget_type: BudgetType
+    target: float = Field(gt=0, le=1)
+    teacher: str
+    student: str
+    model: str
+    # scratch: the pruned architecture trained from a fresh init (the ChipNet authors);
+    # dense: the student's dense weights, sliced by the teacher's masks, fine-tuned.
+    protocol: Literal["scratch", "dense"] = "scratch"
+
+
+class TransferConfig(Strict):
+    recipe: TrainConfig = TrainConfig()
+    pairs: dict[str, TransferPair] = {}
+
+
 class Params(Strict):
     datasets: dict[str, DatasetConfig]
     models: dict[str, ModelConfig]
@@ -217,6 +236,7 @@ class Params(Strict):
     learn_masks: LearnMasksConfig = LearnMasksConfig()
     baselines: BaselinesConfig = BaselinesConfig()
     chip: ChipConfig = ChipConfig()
+    transfer: TransferConfig = TransferConfig()
     # Fine-tuning recipe per pruning method (chipnet, chip, ...): a TrainConfig each.
     finetune: dict[str, TrainConfig] = {}
 
@@ -225,6 +245,11 @@ class Params(Strict):
         for key, names, known in (
             ("dense.datasets", self.dense.datasets, self.datasets),
             ("dense.models", self.dense.models, self.models),
+        ) + tuple(
+            (f"transfer.pairs.{name}.{role}", [getattr(pair, role)], known)
+            for name, pair in self.transfer.pairs.items()
+            for role, known in (("teacher", self.datasets), ("student", self.datasets),
+                                ("model", self.models))
         ) + (
             (("finetune", self.prune.methods, self.finetune),
              ("prune.datasets", self.prune.datasets, self.datasets),
@@ -233,6 +258,12 @@ class Params(Strict):
             for name in names:
                 if name not in known:
                     raise ValueError(f"{key}: {name!r} is not defined; defined: {sorted(known)}")
+        for name, pair in self.transfer.pairs.items():
+            if pair.teacher == pair.student:
+                raise ValueError(f"transfer.pairs.{name}: teacher and student are the same dataset")
+            if pair.student not in self.dense.datasets or pair.model not in self.dense.models:
+                raise ValueError(f"transfer.pairs.{name}: the student needs a dense model: add "
+                                 f"{pair.student!r} to dense.datasets and {pair.model!r} to dense.models")
         return self
 
 

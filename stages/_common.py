@@ -14,6 +14,7 @@ from pathlib import Path
 from chipprune.checkpoint import CheckpointError
 from chipprune.config import ConfigError
 from chipprune.data import DataFileError
+from chipprune.masks import MaskError
 
 
 def parse_budget(kind: str, target: str) -> float:
@@ -31,7 +32,7 @@ def parse_budget(kind: str, target: str) -> float:
     return value
 
 
-USER_ERRORS = (ConfigError, CheckpointError, DataFileError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, DataFileError, MaskError, FileNotFoundError)
 RESUME_DIR = Path(".chipprune") / "resume"
 
 

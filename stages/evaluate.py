@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
             "model_kwargs": dense_kwargs,  # widths / kept live in the checkpoint
             "method": ckpt.get("masks", {}).get("method", "dense"),
             "budget": ckpt.get("masks", {}).get("budget"),
+            "teacher": ckpt.get("masks", {}).get("teacher"),
+            "protocol": ckpt.get("masks", {}).get("protocol"),
             "dataset": data.meta.get("name"),
             "device": str(device),
             "test_size": len(test),

@@ -38,6 +38,10 @@ def repo(tmp_path_factory):
     params["finetune"]["chipnet"]["epochs"] = 1
     params["finetune"]["chip"]["epochs"] = 1
     params["chip"].update(batches=2, batch_size=32)
+    params["transfer"]["recipe"]["epochs"] = 1
+    params["transfer"]["pairs"] = {"to-even": {
+        "method": "chipnet", "budget_type": "flops", "target": 0.5, "teacher": "digits",
+        "student": "digits_even", "model": "resnet20", "protocol": "dense"}}
     params["prune"].update(
         methods=["chipnet", "chip", "random"], baselines=["random"], budget_types=["flops"],
         targets=[0.5],
@@ -85,15 +89,21 @@ def test_every_executed_stage_has_an_mlflow_run(repo):
         "evaluate@chip-flops-0.5-digits-resnet20",
         "evaluate@chipnet-flops-0.5-digits-resnet20",
         "evaluate@dense-digits-resnet20",
+        "evaluate@dense-digits_even-resnet20",
         "evaluate@random-flops-0.5-digits-resnet20",
+        "evaluate@transfer-to-even",
         "finetune@chip-flops-0.5-digits-resnet20",
         "finetune@chipnet-flops-0.5-digits-resnet20",
         "finetune@random-flops-0.5-digits-resnet20",
         "learn_masks@flops-0.5-digits-resnet20",
         "prepare@digits",
+        "prepare@digits_even",
+        "report",
         "score_channels@digits-resnet20",
         "select_channels@chip-flops-0.5-digits-resnet20",
         "train_dense@digits-resnet20",
+        "train_dense@digits_even-resnet20",
+        "transfer_masks@to-even",
     ]
     assert set(runs["status"]) == {"FINISHED"}
     for stage_file in ("runs/prepare/digits", "runs/dense/digits-resnet20", "runs/dense/digits-resnet20/eval"):
@@ -121,6 +131,51 @@ def test_chipnet_masks_meet_the_budget_and_counting_agrees(repo):
             (root / f"runs/finetune/{method}-flops-0.5-digits-resnet20/eval/metrics.json").read_text()
         )
         assert m["macs_fraction"] == pytest.approx(other["budget"]["achieved"], rel=1e-12)
+
+
+def test_report_lists_every_evaluated_run(repo):
+    root, _, first = repo
+    import pandas as pd
+
+    df = pd.read_csv(root / "results/report.csv")
+    rows = set(zip(df["method"], df["dataset"], df["teacher"].fillna(""), strict=True))
+    assert rows == {
+        ("dense", "digits", ""), ("dense", "digits_even", ""), ("chipnet", "digits", ""),
+        ("chip", "digits", ""), ("random", "digits", ""), ("chipnet", "digits_even", "digits"),
+    }
+    dense = df[(df["method"] == "dense") & (df["dataset"] == "digits")].iloc[0]
+    chip = df[df["method"] == "chip"].iloc[0]
+    assert chip["delta_top1"] == pytest.approx(chip["top1"] - dense["top1"])
+    assert chip["speedup_per_macs_reduction"] == pytest.approx(chip["speedup"] * chip["macs_fraction"])
+    assert "| chipnet | digits_even | digits |" in (root / "results/report.md").read_text()
+    for png in ("pareto.png", "kept_channels.png"):
+        assert (root / "results" / png).stat().st_size > 10_000
+
+
+def test_transfer_refuses_masks_of_another_architecture(repo, tmp_path):
+    root, env, _ = repo
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["models"]["resnet32"] = {"arch": "resnet32", "kwargs": {"shortcut": "A"}}
+    params["dense"]["models"].append("resnet32")
+    params["transfer"]["pairs"]["to-even"]["model"] = "resnet32"
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    # a resnet32 "student checkpoint": shapes differ from the resnet20 teacher masks
+    from chipprune.checkpoint import make_checkpoint, save_checkpoint
+    from chipprune.models import create_model
+
+    kw = {"num_classes": 5, "in_channels": 1, "shortcut": "A"}
+    save_checkpoint(make_checkpoint(create_model("resnet32", **kw), "resnet32", kw), tmp_path / "s.pt")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.transfer_masks", "to-even",
+         "runs/chipnet/flops-0.5-digits-resnet20", str(tmp_path / "s.pt"),
+         "data/prepared/digits_even", str(out), "--params", str(bad)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "masks are for model 'resnet20', not 'resnet32'" in proc.stderr
+    assert not out.exists()
 
 
 def test_second_repro_is_a_no_op(repo):

@@ -1,0 +1,88 @@
+"""The comparison table of every evaluated run, from plain records (metrics files or MLflow
+runs alike), and its figures."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+COLUMNS = [
+    "method", "dataset", "teacher", "model", "budget_type", "target",
+    "params_fraction", "macs_fraction", "top1", "delta_top1", "latency_ms",
+    "speedup", "speedup_per_macs_reduction",
+]
+
+
+def latency_key(records: list[dict]) -> str | None:
+    """The latency field of the largest batch size every record measured."""
+    common = set.intersection(*({k for k in r if k.startswith("latency_ms_bs")} for r in records))
+    return max(common, key=lambda k: int(k.removeprefix("latency_ms_bs")), default=None)
+
+
+def build_table(records: list[dict], latency_field: str | None = None) -> pd.DataFrame:
+    """One row per evaluated model. Records carry: method ('dense' for the reference),
+    dataset, model, budget {type, target} (None for dense), teacher (transfers), test_top1,
+    params_fraction, macs_fraction and latency fields `latency_ms_bs<N>` (the largest N all
+    records share is used unless `latency_field` names one).
+
+    delta_top1 and speedup are against the dense model of the same dataset and architecture;
+    speedup / (1 / macs_fraction) says how much of the MACs reduction the hardware delivers.
+    """
+    latency_field = latency_field or (latency_key(records) if records else None)
+    rows = []
+    for r in records:
+        budget = r.get("budget") or {}
+        rows.append({
+            "method": r["method"], "dataset": r["dataset"], "teacher": r.get("teacher") or "",
+            "model": r["model"], "budget_type": budget.get("type") or "",
+            "target": budget.get("target"), "params_fraction": r["params_fraction"],
+            "macs_fraction": r["macs_fraction"], "top1": r["test_top1"],
+            "latency_ms": r.get(latency_field) if latency_field else None, "source": r.get("source", ""),
+        })
+    df = pd.DataFrame(rows, columns=COLUMNS[:6] + ["params_fraction", "macs_fraction", "top1",
+                                                    "latency_ms", "source"])
+    dense = df[df["method"] == "dense"].set_index(["dataset", "model"])
+    key = list(zip(df["dataset"], df["model"], strict=True))
+
+    def ref(col):
+        return [dense[col].get(k, float("nan")) if k in dense.index else float("nan") for k in key]
+
+    df["delta_top1"] = df["top1"] - pd.Series(ref("top1"), index=df.index)
+    df["speedup"] = pd.Series(ref("latency_ms"), index=df.index) / df["latency_ms"]
+    df["speedup_per_macs_reduction"] = df["speedup"] * df["macs_fraction"]
+    order = {"dense": 0}
+    df["_m"] = df["method"].map(lambda m: order.get(m, 1))
+    df = df.sort_values(["dataset", "model", "_m", "teacher", "budget_type", "target", "method"],
+                        na_position="first").drop(columns="_m").reset_index(drop=True)
+    return df[COLUMNS + ["source"]]  # source: where the record came from (not for people)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub-style table (pandas' to_markdown needs `tabulate`; this does not)."""
+    def fmt(v):
+        if isinstance(v, float):
+            return "" if v != v else f"{v:.4f}"
+        return str(v)
+
+    df = df.drop(columns=["source"], errors="ignore")
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_figure(df: pd.DataFrame, title: str):
+    """Top-1 against MACs fraction, one line per method (dense as a star)."""
+    from chipprune.plots import plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    pruned = df[(df["method"] != "dense") & (df["teacher"] == "")]
+    for i, (method, g) in enumerate(pruned.groupby("method")):
+        g = g.sort_values("macs_fraction")
+        ax.plot(g["macs_fraction"], g["top1"], marker="o", color=f"C{i}", label=method)
+    dense = df[df["method"] == "dense"]
+    ax.scatter(dense["macs_fraction"], dense["top1"], marker="*", s=150, color="k", label="dense")
+    ax.set_xlabel("MACs fraction of the dense model")
+    ax.set_ylabel("test top-1")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig

@@ -1,0 +1,55 @@
+"""The comparison table: exact deltas and speedups against the dense model of the same
+dataset and architecture, transfers kept apart, the latency batch chosen consistently."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from chipprune.report import build_table, latency_key, to_markdown
+
+
+def rec(method, dataset, top1, macs, lat, budget=None, teacher=None, model="resnet20"):
+    return {"method": method, "dataset": dataset, "model": model, "test_top1": top1,
+            "params_fraction": macs, "macs_fraction": macs, "budget": budget,
+            "teacher": teacher, "latency_ms_bs1": 1.0, "latency_ms_bs256": lat}
+
+
+RECORDS = [
+    rec("chipnet", "c10", 0.90, 0.25, 10.0, {"type": "flops", "target": 0.25}),
+    rec("dense", "c10", 0.95, 1.0, 40.0),
+    rec("chip", "c10", 0.91, 0.5, 25.0, {"type": "flops", "target": 0.5}),
+    rec("chipnet", "c10", 0.80, 0.25, 20.0, {"type": "flops", "target": 0.25}, teacher="c100"),
+    rec("random", "svhn", 0.5, 0.5, 1.0, {"type": "params", "target": 0.5}),
+]
+
+
+def test_deltas_and_speedups_are_against_the_matching_dense_model():
+    df = build_table(RECORDS)
+    # dense first, then by teacher, budget type and target
+    assert list(df["method"][:4]) == ["dense", "chipnet", "chip", "chipnet"]
+    chipnet = df[(df["method"] == "chipnet") & (df["teacher"] == "")].iloc[0]
+    assert chipnet["delta_top1"] == pytest.approx(-0.05)
+    assert chipnet["speedup"] == pytest.approx(4.0)
+    assert chipnet["speedup_per_macs_reduction"] == pytest.approx(1.0)  # 4x speed at 4x fewer MACs
+    chip = df[df["method"] == "chip"].iloc[0]
+    assert chip["speedup"] == pytest.approx(1.6) and chip["speedup_per_macs_reduction"] == pytest.approx(0.8)
+    transfer = df[df["teacher"] == "c100"].iloc[0]
+    assert transfer["delta_top1"] == pytest.approx(-0.15) and transfer["speedup"] == pytest.approx(2.0)
+    orphan = df[df["dataset"] == "svhn"].iloc[0]  # no dense svhn model: no reference
+    assert math.isnan(orphan["delta_top1"]) and math.isnan(orphan["speedup"])
+
+
+def test_latency_batch_is_the_largest_common_one():
+    a = {"latency_ms_bs1": 1, "latency_ms_bs8": 2, "latency_ms_bs256": 3}
+    b = {"latency_ms_bs1": 1, "latency_ms_bs8": 2}
+    assert latency_key([a, b]) == "latency_ms_bs8"
+    assert latency_key([a]) == "latency_ms_bs256"
+
+
+def test_markdown_has_a_row_per_run():
+    md = to_markdown(build_table(RECORDS))
+    lines = md.strip().splitlines()
+    assert len(lines) == 2 + len(RECORDS)
+    assert lines[0].startswith("| method | dataset | teacher |") and "source" not in lines[0]
