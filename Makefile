@@ -35,3 +35,8 @@ bench: setup
 
 clean-runs:
 	rm -rf runs data/prepared .chipprune mlflow.db mlartifacts
+
+# dvc plots show, then a headless-Chromium screenshot of the page (offline: network blocked)
+plots-screenshot: setup
+	dvc plots show --out dvc_plots
+	tools/screenshot_plots.sh dvc_plots/index.html results/plots_screenshot.png 1400,2400
