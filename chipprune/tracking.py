@@ -30,6 +30,28 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+class TrackingUnreachable(RuntimeError):
+    """The MLflow tracking server does not answer: found before any work starts."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast on an http(s) tracking URI that does not answer; MLflow itself would retry
+    with backoff for minutes, after the stage had already started training."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise TrackingUnreachable(
+            f"MLflow tracking server {uri} cannot be reached ({getattr(e, 'reason', e)}); "
+            "start it, or unset MLFLOW_TRACKING_URI to use the local sqlite store"
+        ) from None
+
+
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(
@@ -96,6 +118,7 @@ def stage_run(
     """Open the MLflow run of one executed stage; on success write its id to run_id_path."""
     import mlflow
 
+    check_reachable(tracking_uri())
     mlflow.set_tracking_uri(tracking_uri())
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
     exp_id = _experiment_id(mlflow, experiment)

@@ -15,6 +15,7 @@ from chipprune.checkpoint import CheckpointError
 from chipprune.config import ConfigError
 from chipprune.data import DataFileError
 from chipprune.masks import MaskError
+from chipprune.tracking import TrackingUnreachable
 
 
 def parse_budget(kind: str, target: str) -> float:
@@ -32,7 +33,9 @@ def parse_budget(kind: str, target: str) -> float:
     return value
 
 
-USER_ERRORS = (ConfigError, CheckpointError, DataFileError, MaskError, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError, CheckpointError, DataFileError, MaskError, TrackingUnreachable, FileNotFoundError,
+)
 RESUME_DIR = Path(".chipprune") / "resume"
 
 

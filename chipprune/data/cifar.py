@@ -8,10 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets.utils import download_and_extract_archive
 
 from .dataset import DataFileError, RawData, Split, checked_labels, resized_uint8
 from .sourcefiles import ensure_files, files_sha256, required_root
+
+
+def download_and_extract_archive(*args, **kwargs) -> None:
+    """torchvision's downloader, imported only when a download happens (torchvision costs
+    about 2 s to import, paid by every stage that merely reads prepared data)."""
+    from torchvision.datasets.utils import download_and_extract_archive as download
+
+    download(*args, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ import hashlib
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 
 from .dataset import RawData, Split, resized_uint8
 
@@ -31,6 +30,8 @@ def stratified_test_mask(labels: torch.Tensor, fraction: float, seed: int) -> to
 
 
 def read_digits(image_size: int | None = None) -> RawData:
+    from sklearn.datasets import load_digits  # scikit-learn only when digits are prepared
+
     bunch = load_digits()
     pixels = np.ascontiguousarray(bunch.images, dtype=np.uint8)  # (1797, 8, 8), values 0..16
     target = np.ascontiguousarray(bunch.target, dtype=np.int64)  # (1797,)

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 import torch
-from torchvision.datasets.utils import download_url
 
 from .dataset import DataFileError, RawData, Split, resized_uint8
 from .sourcefiles import ensure_files, files_sha256, required_root
@@ -29,9 +27,18 @@ SVHN_FILES = {
 SVHN_CLASSES = [str(d) for d in range(10)]
 
 
+def download_url(*args, **kwargs) -> None:
+    """torchvision's downloader, imported only when a download happens."""
+    from torchvision.datasets.utils import download_url as download
+
+    download(*args, **kwargs)
+
+
 def mat_split(path: Path) -> Split:
     """X is (32, 32, 3, N) uint8 (H, W, C, N); y is (N, 1) in 1..10 where 10 means digit 0."""
     try:
+        import scipy.io  # only when SVHN is read
+
         mat = scipy.io.loadmat(path)
     except Exception as exc:
         raise DataFileError(
