@@ -32,6 +32,8 @@ lint: setup
 
 bench: setup
 	python bench/train_throughput.py
+	python bench/chipnet_overhead.py
+	python bench/chip_ci.py
 
 clean-runs:
 	rm -rf runs data/prepared .chipprune mlflow.db mlartifacts

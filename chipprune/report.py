@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 
 COLUMNS = [
-    "method", "dataset", "teacher", "model", "budget_type", "target",
+    "method", "dataset", "teacher", "protocol", "model", "budget_type", "target",
     "params_fraction", "macs_fraction", "top1", "delta_top1", "latency_ms",
     "speedup", "speedup_per_macs_reduction",
 ]
@@ -33,12 +33,13 @@ def build_table(records: list[dict], latency_field: str | None = None) -> pd.Dat
         budget = r.get("budget") or {}
         rows.append({
             "method": r["method"], "dataset": r["dataset"], "teacher": r.get("teacher") or "",
+            "protocol": r.get("protocol") or "",
             "model": r["model"], "budget_type": budget.get("type") or "",
             "target": budget.get("target"), "params_fraction": r["params_fraction"],
             "macs_fraction": r["macs_fraction"], "top1": r["test_top1"],
             "latency_ms": r.get(latency_field) if latency_field else None, "source": r.get("source", ""),
         })
-    df = pd.DataFrame(rows, columns=COLUMNS[:6] + ["params_fraction", "macs_fraction", "top1",
+    df = pd.DataFrame(rows, columns=COLUMNS[:7] + ["params_fraction", "macs_fraction", "top1",
                                                     "latency_ms", "source"])
     dense = df[df["method"] == "dense"].set_index(["dataset", "model"])
     key = list(zip(df["dataset"], df["model"], strict=True))
@@ -51,7 +52,8 @@ def build_table(records: list[dict], latency_field: str | None = None) -> pd.Dat
     df["speedup_per_macs_reduction"] = df["speedup"] * df["macs_fraction"]
     order = {"dense": 0}
     df["_m"] = df["method"].map(lambda m: order.get(m, 1))
-    df = df.sort_values(["dataset", "model", "_m", "teacher", "budget_type", "target", "method"],
+    df = df.sort_values(["dataset", "model", "_m", "teacher", "budget_type", "target", "method",
+                         "protocol"],
                         na_position="first").drop(columns="_m").reset_index(drop=True)
     return df[COLUMNS + ["source"]]  # source: where the record came from (not for people)
 

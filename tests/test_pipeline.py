@@ -147,7 +147,7 @@ def test_report_lists_every_evaluated_run(repo):
     chip = df[df["method"] == "chip"].iloc[0]
     assert chip["delta_top1"] == pytest.approx(chip["top1"] - dense["top1"])
     assert chip["speedup_per_macs_reduction"] == pytest.approx(chip["speedup"] * chip["macs_fraction"])
-    assert "| chipnet | digits_even | digits |" in (root / "results/report.md").read_text()
+    assert "| chipnet | digits_even | digits | dense |" in (root / "results/report.md").read_text()
     for png in ("pareto.png", "kept_channels.png"):
         assert (root / "results" / png).stat().st_size > 10_000
 

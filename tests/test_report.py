@@ -52,4 +52,4 @@ def test_markdown_has_a_row_per_run():
     md = to_markdown(build_table(RECORDS))
     lines = md.strip().splitlines()
     assert len(lines) == 2 + len(RECORDS)
-    assert lines[0].startswith("| method | dataset | teacher |") and "source" not in lines[0]
+    assert lines[0].startswith("| method | dataset | teacher | protocol |") and "source" not in lines[0]
