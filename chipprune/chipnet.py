@@ -32,6 +32,24 @@ def adamw(model: nn.Module, gates: ChannelGates, lr: float, weight_decay: float,
     )
 
 
+@torch.no_grad()
+def folded_copy(model: nn.Module, z: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of `model` (without its gate hooks) whose BN affine carries the gates:
+    z * (gamma x_hat + beta) = (z gamma) x_hat + z beta, exactly. Binarising then only
+    removes channels; the kept ones keep the scale the network was trained with, so the
+    hard model starts where the soft one was instead of at 1/z times its activations.
+    (An option-A shortcut's own gate has no parameter to fold into; it drops to 1.)
+
+    Deviation from the authors' code, which sets kept gates to exactly 1."""
+    folded = copy.deepcopy(model)
+    for c in folded.describe().convs:
+        bn = folded.get_submodule(c.bn)
+        scale = z[c.group].to(bn.weight.dtype)
+        bn.weight.mul_(scale)
+        bn.bias.mul_(scale)
+    return folded
+
+
 @dataclass
 class BestHard:
     epoch: int
@@ -95,8 +113,9 @@ class ChipNetHooks(TrainHooks):
         if self.first_z is None:
             self.first_z = {g: v.cpu() for g, v in z.items()}
         self.detach()  # validate the binarised model, then put the soft gates back
-        handles = apply_hard_masks(model, hard.keep)
-        acc = evaluate(model, self.val, self.eval_batch_size)["top1"]
+        binarised = folded_copy(model, z)
+        handles = apply_hard_masks(binarised, hard.keep)
+        acc = evaluate(binarised, self.val, self.eval_batch_size)["top1"]
         for h in handles:
             h.remove()
         self.handles = self.gates.attach(model)
@@ -104,7 +123,7 @@ class ChipNetHooks(TrainHooks):
             self.best = BestHard(
                 epoch=epoch + 1, val_top1=acc, achieved=hard.achieved,
                 keep={g: k.cpu() for g, k in hard.keep.items()},
-                weights={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                weights={k: v.detach().cpu().clone() for k, v in binarised.state_dict().items()},
                 z={g: v.cpu() for g, v in z.items()},
             )
         kept = sum(int(k.sum()) for k in hard.keep.values())

@@ -72,3 +72,27 @@ def test_resumed_run_continues_gates_and_schedule(tmp_path):
     assert [r["soft_budget"] for r in res.history] == pytest.approx([r["soft_budget"] for r in ref])
     for a, b in zip(ref_hooks.gates.zeta, hooks.gates.zeta, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vgg16_bn", "resnet18"])
+def test_folding_gates_into_bn_reproduces_the_soft_model(name):
+    """With every channel kept, the folded copy computes exactly what the gated model does
+    (models without option-A shortcuts, whose gates all sit on BN outputs)."""
+    from chipprune.chipnet import folded_copy
+
+    torch.manual_seed(0)
+    kw = {"num_classes": 3, "in_channels": 1} | ({"cifar_stem": True} if name == "resnet18" else {})
+    model = create_model(name, **kw).eval()
+    gates = ChannelGates.for_model(model, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for p in gates.zeta:
+            p.uniform_(-3, 3)  # gates spread over (0, 1)
+    x = torch.randn(2, 1, 16, 16)
+    handles = gates.attach(model)
+    soft = model(x)
+    for h in handles:
+        h.remove()
+    z = {g: v.detach() for g, v in gates.all_z().items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert torch.allclose(folded_copy(model, z)(x), soft, atol=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # original intact
