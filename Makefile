@@ -42,3 +42,27 @@ clean-runs:
 plots-screenshot: setup
 	dvc plots show --out dvc_plots
 	tools/screenshot_plots.sh dvc_plots/index.html results/plots_screenshot.png 1400,2400
+
+# Prefect: one flow run of the pipeline; a local server + pool + deployments + worker.
+PREFECT_PORT ?= 4200
+serve serve-stop: export PREFECT_API_URL = http://127.0.0.1:$(PREFECT_PORT)/api
+
+.PHONY: pipeline serve serve-stop mlflow-screenshot
+
+pipeline: setup
+	python -m pipelines.flows
+
+serve: setup
+	prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) --background
+	@for i in $$(seq 90); do curl -fs $$PREFECT_API_URL/health > /dev/null && exit 0; sleep 1; done; \
+	  echo "no Prefect server at $$PREFECT_API_URL"; exit 1
+	prefect work-pool create chipprune-pool --type process --overwrite
+	prefect --no-prompt deploy --all
+	prefect worker start --pool chipprune-pool
+
+serve-stop:
+	prefect server stop
+
+# the MLflow runs page (parent pipeline run, stage runs nested) as a PNG, headless Chromium
+mlflow-screenshot: setup
+	tools/mlflow_screenshot.sh sqlite:///$(CURDIR)/mlflow.db results/mlflow_runs.png chipprune

@@ -1,0 +1,68 @@
+"""The stages a pipeline run reproduces, in the order `dvc repro` would run them, read from
+DVC's own graph of dvc.yaml (no copied list): adding a dataset, a model or a budget to
+params.yaml adds tasks here without a code change."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any
+
+RUN_ID_FILE = "mlflow_run.json"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # DVC's address, e.g. "train_dense@digits-resnet20"
+    upstream: tuple[str, ...]  # the planned stages it depends on directly
+    run_id_files: tuple[str, ...]  # its `mlflow_run.json` outs, relative to the repo root
+
+
+def _rooted(root: Path, target: str) -> str:
+    """DVC reads a target's file part from the cwd; the flow's cwd need not be the repo."""
+    from dvc.utils import parse_target
+
+    path, name = parse_target(target)
+    path = str(root / (path or "dvc.yaml"))
+    return f"{path}:{name}" if name else path
+
+
+def _address(stage: Any, root: Path) -> str:
+    """The stage's address as `dvc repro` run from the repo root spells it."""
+    rel = Path(os.path.relpath(stage.path, root)).as_posix()
+    name = getattr(stage, "name", None)
+    if not name:
+        return rel  # a .dvc file
+    return name if rel == "dvc.yaml" else f"{rel}:{name}"
+
+
+def plan_stages(repo: str | os.PathLike[str], targets: list[str] | None = None) -> list[StageSpec]:
+    """Every stage `dvc repro [targets]` would visit, dependencies first.
+
+    Targets are anything `dvc repro` accepts: a stage (`train_dense@digits-resnet20`), a
+    foreach/matrix group (`learn_masks`), a dvc.yaml path; their upstream stages come along.
+    """
+    from dvc.repo import Repo
+    from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
+
+    with Repo(os.fspath(repo)) as dvc_repo:
+        root = Path(dvc_repo.root_dir)
+        stages = collect_stages(dvc_repo, [_rooted(root, t) for t in targets or ["dvc.yaml"]])
+        # Edges run from a stage to the stages it depends on; frozen stages lose theirs,
+        # exactly as in `dvc repro`.
+        graph = get_active_graph(dvc_repo.index.graph)
+        order = plan_repro(graph, stages)
+        planned = set(order)
+        return [
+            StageSpec(
+                name=_address(stage, root),
+                upstream=tuple(_address(dep, root) for dep in graph.successors(stage) if dep in planned),
+                run_id_files=tuple(
+                    Path(os.path.relpath(out.fs_path, root)).as_posix()
+                    for out in stage.outs
+                    if PurePath(out.fs_path).name == RUN_ID_FILE
+                ),
+            )
+            for stage in order
+        ]

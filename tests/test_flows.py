@@ -1,0 +1,396 @@
+"""The Prefect orchestration, for real: the pipeline flow over a tiny params set in a temporary
+repo copy (one task per DVC stage, every executed stage nested under one MLflow parent run),
+a second run where DVC skips everything, a failing stage that blocks only its downstream, and
+a real `prefect server` whose scheduler creates the nightly deployment's runs."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+# The ChipNet chain for one grid point: `targets` keep the run small whatever else dvc.yaml
+# holds (baselines, CHIP, transfer, report); their upstream stages come along.
+TARGETS = ["evaluate_dense@digits-resnet20", "evaluate@chipnet-flops-0.5-digits-resnet20"]
+STAGES = [
+    "prepare@digits",
+    "train_dense@digits-resnet20",
+    "evaluate_dense@digits-resnet20",
+    "learn_masks@flops-0.5-digits-resnet20",
+    "finetune@chipnet-flops-0.5-digits-resnet20",
+    "evaluate@chipnet-flops-0.5-digits-resnet20",
+]
+BIN = Path(sys.executable).parent
+
+
+def _git_dvc_repo(root: Path) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """Flows run against a temporary Prefect server and database, PREFECT_HOME in a tmp dir."""
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(home))
+        with temporary_settings(updates={PREFECT_HOME: home}):
+            with prefect_test_harness(server_startup_timeout=60):
+                yield
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, prefect_harness):
+    """A git+DVC repo holding the project's pipeline with 1-2 epoch params; MLflow in a
+    sqlite store of its own."""
+    root = tmp_path_factory.mktemp("flow-repo")
+    for name in ("chipprune", "stages", "pipelines"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train_dense"]["epochs"] = 1
+    params["learn_masks"]["epochs"] = 2
+    params["finetune"]["chipnet"]["epochs"] = 1
+    params["evaluate"]["latency"] = {"batch_sizes": [1, 8], "warmup": 1, "repeats": 2}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("CHIPPRUNE_ARTIFACT_ROOT", (root / "mlartifacts").as_uri())
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
+        _git_dvc_repo(root)
+        yield root
+
+
+def _run_pipeline(root: Path, **kwargs):
+    from pipelines.flows import pruning_pipeline
+
+    start = time.perf_counter()
+    state = pruning_pipeline(repo=str(root), targets=TARGETS, return_state=True, **kwargs)
+    seconds = time.perf_counter() - start
+    return state.result(), state.state_details.flow_run_id, seconds
+
+
+def _stage_runs(root: Path):
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["chipprune"])
+    return runs[runs["tags.chipprune.stage"].notna()], runs[runs["tags.chipprune.stage"].isna()]
+
+
+def _recorded_run_ids(root: Path) -> dict[str, str]:
+    """Stage -> the MLflow run id in its `mlflow_run.json` output (found from dvc.yaml)."""
+    from pipelines.graph import plan_stages
+
+    return {
+        spec.name: json.loads((root / spec.run_id_files[0]).read_text())["run_id"]
+        for spec in plan_stages(root, TARGETS)
+    }
+
+
+@pytest.fixture(scope="module")
+def first_run(repo):
+    return _run_pipeline(repo)
+
+
+def test_pipeline_flow_runs_every_stage_once_under_one_parent(repo, first_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    result, flow_run_id, seconds = first_run
+    print(f"\nfirst pipeline flow run (every stage runs): {seconds:.1f} s")
+    assert result.stages == dict.fromkeys(STAGES, "ran")
+    # the DVC outputs
+    assert {p.name for p in (repo / "data/prepared/digits").iterdir()} >= {"train.pt", "test.pt"}
+    assert (repo / "runs/chipnet/flops-0.5-digits-resnet20/masks.json").is_file()
+    for metrics in ("runs/dense/digits-resnet20/eval", "runs/finetune/chipnet-flops-0.5-digits-resnet20/eval"):
+        assert json.loads((repo / metrics / "metrics.json").read_text())["test_size"] == 359
+    status = subprocess.run([str(BIN / "dvc"), "status", *TARGETS], cwd=repo,
+                            capture_output=True, text=True)
+    assert "up to date" in status.stdout
+    # one task run per stage, named after it
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    assert sorted(t.name for t in task_runs if "@" in t.name) == sorted(STAGES)
+    # MLflow: one parent run, every stage run nested under it
+    stages, others = _stage_runs(repo)
+    assert len(others) == 1
+    parent = others.iloc[0]
+    assert parent["run_id"] == result.parent_run_id and parent["status"] == "FINISHED"
+    assert parent["tags.prefect.flow_run_id"] == str(flow_run_id)
+    assert len(parent["tags.git.commit"]) == 40
+    lock_sha = subprocess.run(["sha256sum", "dvc.lock"], cwd=repo, capture_output=True, text=True)
+    assert parent["tags.dvc.lock.sha256"] == lock_sha.stdout.split()[0]
+    assert len(stages) == len(STAGES)
+    assert set(stages["tags.mlflow.parentRunId"]) == {result.parent_run_id}
+    assert set(stages["status"]) == {"FINISHED"}
+    assert set(_recorded_run_ids(repo).values()) == set(stages["run_id"])
+
+
+@pytest.mark.parametrize("status_first", [False, True], ids=["repro-each", "status-first"])
+def test_second_flow_run_skips_every_stage_and_records_their_runs(repo, first_run, status_first):
+    """Up to date: no stage runs, and the parent run names the run behind each stage's outputs,
+    whether every stage goes through `dvc repro --single-item` or `dvc status` says so first."""
+    first, _, _ = first_run
+    stages_before, _ = _stage_runs(repo)
+    result, _, seconds = _run_pipeline(repo, status_first=status_first)
+    print(f"\nup-to-date pipeline flow run, status_first={status_first}: {seconds:.1f} s "
+          f"(flow body {result.seconds:.1f} s)")
+    assert result.stages == dict.fromkeys(STAGES, "skipped")
+    stages_after, others = _stage_runs(repo)
+    assert len(stages_after) == len(stages_before) == len(STAGES)  # no new stage run
+    parent = others[others["run_id"] == result.parent_run_id].iloc[0]
+    assert parent["status"] == "FINISHED"
+    # each skipped stage points at the run that made its outputs (`@` is no MLflow key char)
+    recorded = {stage: parent[f"tags.skipped.{stage.replace('@', ':')}"] for stage in STAGES}
+    assert recorded == _recorded_run_ids(repo)
+    assert set(recorded.values()) == set(
+        stages_before.loc[stages_before["tags.mlflow.parentRunId"] == first.parent_run_id, "run_id"]
+    )
+    assert seconds < 60
+
+
+def test_status_first_still_reproduces_a_changed_stage_and_its_downstream(repo, first_run):
+    """A changed params section makes `dvc status` name finetune; evaluate, whose own deps only
+    change once finetune has re-run, is reproduced after it all the same."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["finetune"]["chipnet"]["seed"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    result, _, _ = _run_pipeline(repo)
+    assert result.stages == {
+        **dict.fromkeys(STAGES, "skipped"),
+        "finetune@chipnet-flops-0.5-digits-resnet20": "ran",
+        "evaluate@chipnet-flops-0.5-digits-resnet20": "ran",
+    }
+
+
+def test_a_failing_stage_blocks_only_its_downstream(tmp_path, prefect_harness, monkeypatch):
+    """A shell-only pipeline: `b` fails, so `c` (after b) is not run, `d` (after a) still is."""
+    from pipelines.flows import PipelineFailed, pruning_pipeline
+
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "a": {"cmd": "echo a > a.txt", "outs": ["a.txt"]},
+        "b": {"cmd": "cat a.txt && exit 3", "deps": ["a.txt"], "outs": ["b.txt"]},
+        "c": {"cmd": "cp b.txt c.txt", "deps": ["b.txt"], "outs": ["c.txt"]},
+        "d": {"cmd": "cp a.txt d.txt", "deps": ["a.txt"], "outs": ["d.txt"]},
+    }}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("CHIPPRUNE_ARTIFACT_ROOT", (tmp_path / "mlartifacts").as_uri())
+    _git_dvc_repo(tmp_path)
+    state = pruning_pipeline(repo=str(tmp_path), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(PipelineFailed, match=r"b \(failed\), c \(upstream failed\)"):
+        state.result()
+    assert (tmp_path / "d.txt").is_file() and not (tmp_path / "c.txt").exists()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (parent,) = mlflow.search_runs(experiment_names=["chipprune"]).itertuples()
+    assert parent.status == "FAILED"
+
+
+HOLD_DVC_LOCK = """
+import pathlib, sys, time
+from dvc.repo import Repo
+repo = Repo(sys.argv[1])
+repo.lock.lock()
+print("locked", flush=True)
+release, start = pathlib.Path(sys.argv[2]), time.monotonic()
+while not release.exists() and time.monotonic() - start < 60:
+    time.sleep(0.1)
+repo.lock.unlock()
+"""
+
+
+def test_a_busy_dvc_lock_is_retried(tmp_path, prefect_harness, monkeypatch):
+    """Another DVC process holds the workspace lock past DVC's own 3 s of waiting: the stage's
+    task fails with DvcLockBusy (the other process then lets go) and its retry succeeds."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    import pipelines.flows as flows
+    import pipelines.tasks as tasks
+
+    release = tmp_path / "release"
+    run_cli = tasks.run_cli
+
+    def run_cli_releasing(*args, **kwargs):
+        try:
+            return run_cli(*args, **kwargs)
+        except tasks.DvcLockBusy:
+            release.touch()
+            raise
+
+    monkeypatch.setattr(tasks, "run_cli", run_cli_releasing)
+    monkeypatch.setattr(flows, "reproduce_stage",
+                        flows.reproduce_stage.with_options(retry_delay_seconds=1))
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(
+        {"stages": {"a": {"cmd": "echo a > a.txt", "outs": ["a.txt"]}}}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("CHIPPRUNE_ARTIFACT_ROOT", (tmp_path / "mlartifacts").as_uri())
+    _git_dvc_repo(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_DVC_LOCK, str(tmp_path), str(release)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        state = flows.pruning_pipeline(repo=str(tmp_path), status_first=False, return_state=True)
+    finally:
+        release.touch()
+        holder.wait(timeout=30)
+    assert state.result().stages == {"a": "ran"}
+    with get_client(sync_client=True) as client:
+        (task_run,) = [t for t in client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))) if t.name == "a"]
+    assert task_run.run_count == 2
+
+
+def test_sweep_rejects_bad_params_before_running_anything(repo):
+    from chipprune.config import ConfigError
+    from pipelines.flows import sweep
+
+    state = sweep(repo=str(repo), targets=[0.5, 1.5], return_state=True)
+    with pytest.raises(ConfigError, match=r"prune\.targets.*\(0, 1\]"):
+        state.result()
+    state = sweep(repo=str(repo), overrides=[{"learn_mask.seed": 1}], return_state=True)
+    with pytest.raises(ConfigError, match="learn_mask"):
+        state.result()
+    assert not (repo / "results").exists()
+
+
+def test_sweep_runs_an_experiment_in_its_own_workspace(repo, first_run):
+    """One seed override, reproduced in a temporary copy that shares the repo's DVC cache: the
+    dense stages are skipped there, the ChipNet chain runs, the repo itself is untouched."""
+    from pipelines.flows import sweep
+
+    first, _, _ = first_run
+    before = {name: (repo / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
+    csv = sweep(repo=str(repo), overrides=[{"learn_masks.seed": 1}], out="results/seed",
+                dvc_targets=[TARGETS[1]])
+    table = pd.read_csv(csv)
+    row = table[table["run"] == "chipnet-flops-0.5-digits-resnet20"].iloc[0]
+    assert row["experiment"] == "exp-01" and row["overrides"] == "learn_masks.seed=1"
+    assert 0.0 <= row["test_top1"] <= 1.0 and row["test_size"] == 359
+    assert (repo / "results/seed.md").is_file()
+    assert {name: (repo / name).read_bytes() for name in before} == before
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["chipprune"])
+    sweep_run = runs[runs["tags.mlflow.runName"].str.startswith("sweep")].squeeze()
+    exp_run = runs[runs["tags.mlflow.parentRunId"] == sweep_run["run_id"]].squeeze()
+    assert sweep_run["status"] == exp_run["status"] == "FINISHED"
+    assert exp_run["params.override.learn_masks.seed"] == "1"
+    nested = runs[runs["tags.mlflow.parentRunId"] == exp_run["run_id"]]
+    assert sorted(nested["tags.chipprune.stage"].str.split("@").str[0]) == [
+        "evaluate", "finetune", "learn_masks"]  # prepare and train_dense were up to date
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"prefect server exited with {server.returncode}"
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"prefect server not healthy after {timeout} s")
+
+
+def test_real_server_schedules_the_nightly_deployment(tmp_path):
+    """`prefect server start`, the work pool, `prefect deploy` of prefect.yaml's nightly
+    deployment; the server's scheduler then creates its scheduled flow runs (02:00 UTC)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "2",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    project = tmp_path / "project"  # prefect deploy reads prefect.yaml and the entrypoint here
+    shutil.copytree(REPO / "pipelines", project / "pipelines",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "prefect.yaml", project / "prefect.yaml")
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+         "--no-ui"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        _wait_healthy(url, server, timeout=90)
+        for cmd in (["work-pool", "create", "chipprune-pool", "--type", "process"],
+                    ["--no-prompt", "deploy", "--name", "nightly"]):
+            done = subprocess.run([str(BIN / "prefect"), *cmd], cwd=project, env=env,
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, f"prefect {cmd}:\n{done.stdout}\n{done.stderr}"
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            with get_client(sync_client=True) as client:
+                deployment = client.read_deployment_by_name("chipprune-pipeline/nightly")
+                assert deployment.work_pool_name == "chipprune-pool"
+                assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+                deadline, runs = time.monotonic() + 60, []
+                while not runs and time.monotonic() < deadline:
+                    runs = client.read_flow_runs(
+                        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                            type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+                    )
+                    time.sleep(1)
+        assert len(runs) >= 3, "the scheduler made no scheduled runs within 60 s"
+        for run in runs:
+            assert run.deployment_id == deployment.id and run.state.is_scheduled()
+            start = run.expected_start_time.astimezone(datetime.timezone.utc)
+            assert (start.hour, start.minute) == (2, 0)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+        log.close()
