@@ -280,7 +280,7 @@ def _format(err: ValidationError, source: str) -> str:
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        got = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {e['input']!r})"
+        got = "" if e["type"] in ("extra_forbidden", "missing") or "got " in msg else f" (got {e['input']!r})"
         if len(got) > 80:
             got = ""
         # Cross-section checks raise at the top level and name their keys themselves.
