@@ -12,23 +12,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from chipprune import tracking
-from chipprune.atomic import write_text
 from chipprune.checkpoint import (
     load_checkpoint,
-    make_checkpoint,
     model_from_checkpoint,
-    save_checkpoint,
 )
 from chipprune.config import ConfigError, load_params
-from chipprune.data import load_prepared
 from chipprune.masks import load_masks, validate_masks
 from chipprune.models import create_model
-from chipprune.resume import ResumeStore, fingerprint
 from chipprune.surgery import prune_model
-from chipprune.train import DeviceData, fit, resolve_device, seed_everything
-from stages._common import RESUME_DIR, run_main
-from stages.train_dense import history_csv
+from chipprune.train import resolve_device, seed_everything
+from stages._common import run_main
+from stages._pruned_training import train_pruned
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,37 +52,18 @@ def main(argv: list[str] | None = None) -> None:
     model, kwargs = prune_model(source, student["model_name"], student["model_kwargs"],
                                 {g: list(v) for g, v in masks.kept.items()})
     model.to(device)
-    data = load_prepared(Path(args.data_dir), splits=("train", "val"))
-    meta = data.meta
-    augment = params.datasets[pair.student].augment
-    train = DeviceData.from_split(data.splits["train"], meta, device)
-    val = DeviceData.from_split(data.splits["val"], meta, device)
 
     name = f"transfer_masks@{args.pair}"
+    augment = params.datasets[pair.student].augment
     config = {"pair": pair.model_dump(), "recipe": cfg.model_dump(), "augment": augment.model_dump()}
-    out = Path(args.out_dir)
-    inputs = {"teacher_masks": masks_path, "student_checkpoint": args.student_ckpt}
-    digest = [tracking.file_sha256(p) for p in inputs.values()]
-    resume = ResumeStore(RESUME_DIR / f"{name}.pt", fingerprint(config, meta, digest))
-    with tracking.stage_run(name, config, out / "mlflow_run.json", inputs=inputs):
-        import mlflow
-
-        result = fit(model, train, val, cfg, augment, resume=resume,
-                     log=lambda row: tracking.log_history([row]))
-        tracking.log_history(result.history[: result.resumed_from_epoch])
-        ckpt = make_checkpoint(
-            model, student["model_name"], kwargs, config=config, data_meta=meta,
-            history=result.history,
-            masks={"method": masks.method, "budget": masks.budget, "teacher": masks.dataset,
-                   "protocol": pair.protocol},
-        )
-        save_checkpoint(ckpt, out / "checkpoint.pt")
-        write_text(out / "history.csv", history_csv(result.history))
-        mlflow.log_artifact(str(out / "history.csv"))
-        mlflow.log_artifact(str(masks_path))
-    resume.clear()
-    print(f"{name}: val top1 {result.history[-1]['val_top1']:.4f}", flush=True)
-
+    top1 = train_pruned(
+        name, model, student["model_name"], kwargs, args.data_dir, cfg, augment, config,
+        inputs={"teacher_masks": masks_path, "student_checkpoint": args.student_ckpt},
+        out=Path(args.out_dir),
+        masks_info={"method": masks.method, "budget": masks.budget, "teacher": masks.dataset,
+                    "protocol": pair.protocol},
+    )
+    print(f"{name}: val top1 {top1:.4f}", flush=True)
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

@@ -1,0 +1,60 @@
+"""The training tail shared by `finetune` and `transfer_masks`: a physically pruned model
+trained with a recipe, resumable, saved as a checkpoint that rebuilds it, logged to MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from chipprune import tracking
+from chipprune.atomic import write_text
+from chipprune.checkpoint import make_checkpoint, save_checkpoint
+from chipprune.config import AugmentConfig, TrainConfig
+from chipprune.data import load_prepared
+from chipprune.resume import ResumeStore, fingerprint
+from chipprune.train import DeviceData, fit
+from stages._common import RESUME_DIR
+from stages.train_dense import history_csv
+
+
+def train_pruned(
+    name: str,
+    model: nn.Module,
+    model_name: str,
+    model_kwargs: dict[str, Any],
+    data_dir: str | Path,
+    cfg: TrainConfig,
+    augment: AugmentConfig,
+    config: dict[str, Any],
+    inputs: dict[str, str | Path],
+    out: Path,
+    masks_info: dict[str, Any],
+) -> float:
+    """Train `model` (already on its device) on the prepared train/val splits; returns the
+    final val top-1. `inputs` are hashed into the resume fingerprint and the MLflow tags."""
+    device = next(model.parameters()).device
+    data = load_prepared(Path(data_dir), splits=("train", "val"))
+    meta = data.meta
+    train = DeviceData.from_split(data.splits["train"], meta, device)
+    val = DeviceData.from_split(data.splits["val"], meta, device)
+    digest = [tracking.file_sha256(p) for p in inputs.values()]
+    resume = ResumeStore(RESUME_DIR / f"{name}.pt", fingerprint(config, meta, digest))
+    with tracking.stage_run(name, config, out / "mlflow_run.json", inputs=inputs):
+        import mlflow
+
+        result = fit(model, train, val, cfg, augment, resume=resume,
+                     log=lambda row: tracking.log_history([row]))
+        tracking.log_history(result.history[: result.resumed_from_epoch])
+        final = {k: v for k, v in result.history[-1].items() if k.startswith("val_")}
+        ckpt = make_checkpoint(model, model_name, model_kwargs, config=config, data_meta=meta,
+                               history=result.history, metrics=final, masks=masks_info)
+        save_checkpoint(ckpt, out / "checkpoint.pt")
+        write_text(out / "history.csv", history_csv(result.history))
+        mlflow.log_artifact(str(out / "history.csv"))
+        for path in inputs.values():
+            if str(path).endswith(".json"):
+                mlflow.log_artifact(str(path))
+    resume.clear()
+    return final["val_top1"]
