@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from chipprune.counting import forward_zero_image, measure_cost
-from chipprune.models import PrunableNet
+from chipprune.models import Branch, PrunableNet
 
 BUDGET_TYPES = ("channel", "volume", "params", "flops")
 
@@ -30,20 +30,49 @@ Width = torch.Tensor | float | int
 
 @dataclass(frozen=True)
 class Term:
-    """coef * width[out] * width[inp]; a None group contributes a factor of 1."""
+    """coef * width[out] * width[inp] * alive(when); a None group contributes a factor of 1.
+
+    `when` holds the groups of the removable residual branch the term belongs to: the
+    branch exists only while each of them keeps a channel (orphan removal). alive is 1 or 0
+    for integer widths and prod(min(width, 1)) for soft counts, which is 1 for the usual
+    soft widths (>= 1) and goes to 0 with them, so it stays differentiable."""
 
     coef: float
     out: str | None
     inp: str | None
+    when: tuple[str, ...] = ()
 
 
 class BudgetModel:
     """Costs of one architecture as functions of its group widths."""
 
-    def __init__(self, terms: dict[str, list[Term]], dense_widths: dict[str, int]):
+    def __init__(
+        self,
+        terms: dict[str, list[Term]],
+        dense_widths: dict[str, int],
+        branches: tuple[Branch, ...] = (),
+    ):
         self.terms = terms
         self.dense_widths = dict(dense_widths)
+        self.groups = list(self.dense_widths)  # the order of a width vector
+        self.branches = branches  # removable residual branches: their groups may be empty
+        self._compiled = {kind: self._compile(ts) for kind, ts in terms.items()}
         self.dense = {kind: float(self.cost(kind, dense_widths)) for kind in BUDGET_TYPES}
+
+    def _compile(self, terms: list[Term]) -> tuple[torch.Tensor, ...]:
+        """The terms as index tensors, so a cost is a few vector ops (ChipNet evaluates the
+        soft budget every step): slot len(groups) of the width vector holds the constant 1."""
+        slot = {g: i for i, g in enumerate(self.groups)}
+        one = len(self.groups)
+        k = max([len(t.when) for t in terms] + [1])
+        coef = torch.tensor([float(t.coef) for t in terms], dtype=torch.float64)
+        out = torch.tensor([slot[t.out] if t.out else one for t in terms], dtype=torch.long)
+        inp = torch.tensor([slot[t.inp] if t.inp else one for t in terms], dtype=torch.long)
+        when = torch.tensor(
+            [[slot[g] for g in t.when] + [one] * (k - len(t.when)) for t in terms],
+            dtype=torch.long,
+        ).view(len(terms), k)
+        return coef, out, inp, when
 
     @classmethod
     def from_model(cls, model: PrunableNet, input_size: tuple[int, int, int]) -> BudgetModel:
@@ -51,6 +80,11 @@ class BudgetModel:
         areas = _output_areas(model, input_size)  # module name -> Hout * Wout
         conv_groups = {c.conv: (c.group, c.in_group) for c in spec.convs}
         bn_groups = {c.bn: c.group for c in spec.convs}
+        # conv or BN name -> the groups its branch needs (empty outside removable branches)
+        when = {c.conv: () for c in spec.convs} | {c.bn: () for c in spec.convs}
+        for br in spec.branches:
+            for conv in br.convs:
+                when[conv] = when[spec.conv(conv).bn] = br.groups
         params: list[Term] = []
         macs: list[Term] = []
         for name, m in model.named_modules():
@@ -58,18 +92,21 @@ class BudgetModel:
             if not own:
                 continue
             if isinstance(m, nn.Conv2d) and name in conv_groups:
-                if m.groups != 1:
-                    raise ValueError(f"{name}: grouped convs are not supported by budgets")
                 out, inp = conv_groups[name]
                 k = m.kernel_size[0] * m.kernel_size[1]
-                k_in = k if inp is not None else k * m.in_channels  # the image is not pruned
-                params.append(Term(k_in, out, inp))
-                macs.append(Term(k_in * areas[name], out, inp))
+                if _is_depthwise(m, out, inp):  # channel i reads only input i: k * width
+                    inp, k_in = None, k
+                elif m.groups != 1:
+                    raise ValueError(f"{name}: {_GROUPED}")
+                else:
+                    k_in = k if inp is not None else k * m.in_channels  # the image is not pruned
+                params.append(Term(k_in, out, inp, when[name]))
+                macs.append(Term(k_in * areas[name], out, inp, when[name]))
                 if m.bias is not None:
-                    params.append(Term(1, out, None))
-                    macs.append(Term(areas[name], out, None))
+                    params.append(Term(1, out, None, when[name]))
+                    macs.append(Term(areas[name], out, None, when[name]))
             elif isinstance(m, nn.BatchNorm2d) and name in bn_groups:
-                params.append(Term(2, bn_groups[name], None))
+                params.append(Term(2, bn_groups[name], None, when[name]))
             elif isinstance(m, nn.Linear) and name == spec.classifier:
                 params.append(Term(m.out_features, spec.classifier_in_group, None))
                 macs.append(Term(m.out_features, spec.classifier_in_group, None))
@@ -81,10 +118,10 @@ class BudgetModel:
                     macs.append(Term(m.in_features * m.out_features, None, None))
                 elif isinstance(m, nn.Conv2d):
                     raise ValueError(f"{name}: a conv outside the model's description")
-        channel = [Term(1, c.group, None) for c in spec.convs]
-        volume = [Term(areas[c.conv], c.group, None) for c in spec.convs]
+        channel = [Term(1, c.group, None, when[c.conv]) for c in spec.convs]
+        volume = [Term(areas[c.conv], c.group, None, when[c.conv]) for c in spec.convs]
         bm = cls({"channel": channel, "volume": volume, "params": params, "flops": macs},
-                 spec.widths())
+                 spec.widths(), spec.branches)
         # The polynomial must reproduce the counter exactly, or a budget would lie.
         cost = measure_cost(model, input_size)
         if (bm.dense["params"], bm.dense["flops"]) != (cost.params, cost.macs):
@@ -94,19 +131,44 @@ class BudgetModel:
             )
         return bm
 
-    def cost(self, kind: str, widths: Mapping[str, Width]) -> Width:
-        if kind not in self.terms:
+    def cost(self, kind: str, widths: Mapping[str, Width] | torch.Tensor) -> Width:
+        """Sum of the kind's terms at `widths`: group -> width, or a (G,) vector in
+        `self.groups` order. Integer widths give an exact float (float64 sums of integers
+        below 2^53); floating tensors give a differentiable tensor of their dtype."""
+        if kind not in self._compiled:
             raise ValueError(f"unknown budget type {kind!r}; allowed: {', '.join(BUDGET_TYPES)}")
-        total: Width = 0.0
-        for t in self.terms[kind]:
-            a = widths[t.out] if t.out is not None else 1
-            b = widths[t.inp] if t.inp is not None else 1
-            total = total + t.coef * a * b
-        return total
+        coef, out, inp, when = self._compiled[kind]
+        if isinstance(widths, torch.Tensor):
+            w, soft = widths, widths.is_floating_point()
+        else:
+            vals = [widths[g] for g in self.groups]
+            soft = any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in vals)
+            w = torch.stack([torch.as_tensor(v) for v in vals]) if soft else torch.tensor(
+                [int(v) for v in vals], dtype=torch.float64
+            )
+        w = w.to(torch.float64) if not soft else w
+        ext = torch.cat([w, w.new_ones(1)])  # (G + 1,): the last slot is the constant 1
+        coef = coef.to(device=w.device, dtype=w.dtype)
+        out, inp, when = out.to(w.device), inp.to(w.device), when.to(w.device)
+        # alive = min(width, 1): 1 or 0 for integer widths, smooth for soft counts
+        alive = ext.clamp(max=1.0)[when].prod(dim=1)  # (T,)
+        total = (coef * ext[out] * ext[inp] * alive).sum()
+        return total if soft else float(total)
 
     def fraction(self, kind: str, widths: Mapping[str, Width]) -> Width:
         """Cost relative to the dense model: the budget's value, in (0, 1]."""
         return self.cost(kind, widths) / self.dense[kind]
+
+
+_GROUPED = (
+    "grouped convs are not supported, except depthwise ones (groups == in_channels == "
+    "out_channels, described with in_group == group)"
+)
+
+
+def _is_depthwise(m: nn.Conv2d, group: str | None, in_group: str | None) -> bool:
+    """A depthwise conv: its output channels are its input channels (one group in the spec)."""
+    return group == in_group and m.groups == m.in_channels == m.out_channels
 
 
 def _output_areas(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, int]:

@@ -82,6 +82,8 @@ class ChipNetHooks(TrainHooks):
         self.schedule = schedule or GateSchedule()
         self.w_budget, self.w_crisp = w_budget, w_crisp
         self.eval_batch_size = eval_batch_size
+        if gates.groups != budget.groups:
+            raise ValueError("gates and budget model describe different groups")
         self.best: BestHard | None = None
         self.first_z: dict[str, torch.Tensor] | None = None
         self.handles = gates.attach(model)
@@ -96,7 +98,8 @@ class ChipNetHooks(TrainHooks):
         self.gates.set_schedule(self.schedule, epoch, step / steps_per_epoch)
 
     def extra_loss(self, model: nn.Module):
-        soft = self.budget.fraction(self.kind, self.gates.soft_counts())
+        # the gates' values from this step's forward: no second computation
+        soft = self.budget.fraction(self.kind, self.gates.soft_count_vector())
         budget_loss = (soft - self.target) ** 2
         crisp = self.gates.crispness_loss()
         logs = {"budget_loss": budget_loss, "crisp_loss": crisp, "soft_budget": soft}

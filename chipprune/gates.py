@@ -52,16 +52,27 @@ class GateSchedule:
 
 
 class ChannelGates(nn.Module):
-    """zeta per group; `attach(model)` makes every forward of `model` gated by z."""
+    """zeta per group; `attach(model)` makes every forward of `model` gated by z.
+
+    psi and z of every gate are computed once per forward of the model, in one flat vector
+    (a pre-hook), and shared by its BN hooks and by the losses of the same step: a handful
+    of vector ops per step instead of a few per conv."""
 
     def __init__(self, widths: dict[str, int], init_max: float = 0.01, generator=None):
         super().__init__()
         self.groups = list(widths)
+        self.sizes = list(widths.values())
         # ParameterDict keys may not contain dots; keep our own order and names.
         self.zeta = nn.ParameterList(
             nn.Parameter(torch.rand(w, generator=generator) * init_max) for w in widths.values()
         )
+        self.register_buffer(
+            "group_index",  # (N,): the group of every gate, for per-group sums
+            torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes)),
+            persistent=False,
+        )
         self.beta, self.gamma, self.steep = 1.0, 2.0, 10.0
+        self._latest: tuple[tuple, torch.Tensor, torch.Tensor, tuple] | None = None
 
     @classmethod
     def for_model(cls, model: PrunableNet, generator=None) -> ChannelGates:
@@ -71,33 +82,65 @@ class ChannelGates(nn.Module):
         self.beta, self.gamma = sched.beta(epoch), sched.gamma(epoch)
         self.steep = sched.steepness(epoch_float)
 
+    def _key(self) -> tuple:
+        # zeta changes in place (optimiser steps bump its version) or the schedule moves
+        return (tuple(p._version for p in self.zeta), self.beta, self.gamma,
+                torch.is_grad_enabled())
+
+    def values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(psi, z), each (N,) over every gate in group order; reused while zeta, the
+        schedule and the grad mode are what they were when last computed."""
+        key = self._key()
+        if self._latest is None or self._latest[0] != key:
+            zeta = torch.cat(list(self.zeta))  # (N,)
+            psi = torch.sigmoid(self.beta * zeta)
+            z = heaviside(psi, self.gamma)
+            self._latest = (key, psi, z, z.split(self.sizes))
+        return self._latest[1], self._latest[2]
+
+    def _group_z(self, i: int) -> torch.Tensor:
+        self.values()
+        return self._latest[3][i]
+
     def psi(self, i: int) -> torch.Tensor:
-        return torch.sigmoid(self.beta * self.zeta[i])
+        return self.values()[0].split(self.sizes)[i]
 
     def z(self, i: int) -> torch.Tensor:
-        return heaviside(self.psi(i), self.gamma)
+        return self._group_z(i)
 
     def all_z(self) -> dict[str, torch.Tensor]:
-        return {g: self.z(i) for i, g in enumerate(self.groups)}
+        self.values()
+        return dict(zip(self.groups, self._latest[3], strict=True))
 
     def crispness_loss(self) -> torch.Tensor:
         """mean over every gate of (z - psi)^2: zero exactly when each psi is 0 or 1."""
-        sq = torch.cat([(self.z(i) - self.psi(i)).pow(2) for i in range(len(self.groups))])
-        return sq.mean()
+        psi, z = self.values()
+        return (z - psi).pow(2).mean()
+
+    def soft_count_vector(self) -> torch.Tensor:
+        """(G,) soft kept channels per group, in group order: sum of sigmoid(steep (z - 0.5))."""
+        _, z = self.values()
+        soft = torch.sigmoid(self.steep * (z - 0.5))
+        return soft.new_zeros(len(self.sizes)).index_add(0, self.group_index, soft)
 
     def soft_counts(self) -> dict[str, torch.Tensor]:
         """Soft number of kept channels per group: sum of sigmoid(steep * (z - 0.5))."""
-        return {g: torch.sigmoid(self.steep * (z - 0.5)).sum() for g, z in self.all_z().items()}
+        return dict(zip(self.groups, self.soft_count_vector().unbind(), strict=True))
 
     def crisp_fraction(self, tol: float = 0.05) -> float:
-        z = torch.cat([self.z(i).detach() for i in range(len(self.groups))])
+        _, z = self.values()
+        z = z.detach()
         return float(((z < tol) | (z > 1 - tol)).float().mean())
 
     def attach(self, model: nn.Module) -> list:
+        def refresh(_module, _inputs):  # one computation of every gate per forward
+            self._latest = None
+            self.values()
+
         scales: dict[str, Callable[[], torch.Tensor]] = {
-            g: (lambda i=i: self.z(i)) for i, g in enumerate(self.groups)
+            g: (lambda i=i: self._group_z(i)) for i, g in enumerate(self.groups)
         }
-        return attach_channel_scales(model, scales)
+        return [model.register_forward_pre_hook(refresh), *attach_channel_scales(model, scales)]
 
     def schedule_state(self) -> dict[str, float]:
         return {"beta": self.beta, "gamma": self.gamma, "steep": self.steep}

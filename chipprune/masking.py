@@ -28,6 +28,49 @@ def _scale_hook(group: str, scale: Callable[[], Tensor]):
     return hook
 
 
+class _ScaledAffine:
+    """Runs a BatchNorm with its affine scaled by s: s * (gamma x_hat + beta) computed as
+    (s gamma) x_hat + s beta, the same value without a pass over the activations (forward
+    and backward), which is most of what gating costs. The module's own forward runs with
+    the scaled vectors swapped in for the call; running statistics update as usual."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, group: str, scale):
+        self.bn, self.group, self.scale = bn, group, scale
+        bn.forward = self  # an instance attribute: nn.Module.__call__ finds it first
+
+    def __call__(self, x: Tensor) -> Tensor:
+        bn, s = self.bn, self.scale()  # (C,), recomputed every forward
+        if s.shape != (bn.num_features,):
+            raise ValueError(
+                f"scale of group {self.group!r} has shape {tuple(s.shape)}, "
+                f"the output has {bn.num_features} channels"
+            )
+        params = bn._parameters
+        weight, bias = params["weight"], params["bias"]
+        s = s.to(dtype=weight.dtype, device=weight.device)
+        params["weight"], params["bias"] = weight * s, bias * s
+        try:
+            return type(bn).forward(bn, x)
+        finally:
+            params["weight"], params["bias"] = weight, bias
+
+    def remove(self) -> None:
+        if self.bn.__dict__.get("forward") is self:
+            del self.bn.forward
+
+
+def _attach_scale(module: nn.Module, group: str, scale):
+    """Scale a module's output channels: folded into a BN's affine when it has one and is
+    not scaled already, else an output hook."""
+    if (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and module.affine
+        and "forward" not in module.__dict__
+    ):
+        return _ScaledAffine(module, group, scale)
+    return module.register_forward_hook(_scale_hook(group, scale))
+
+
 def attach_channel_scales(
     model: PrunableNet, scales: Mapping[str, Callable[[], Tensor]]
 ) -> list[RemovableHandle]:
@@ -46,7 +89,7 @@ def attach_channel_scales(
     targets = [(c.bn, c.group) for c in spec.convs]
     targets += [(cm.module, cm.out_group) for cm in spec.channel_maps]
     return [
-        model.get_submodule(name).register_forward_hook(_scale_hook(group, scales[group]))
+        _attach_scale(model.get_submodule(name), group, scales[group])
         for name, group in targets
         if group in scales
     ]
@@ -65,4 +108,15 @@ def apply_hard_masks(model: PrunableNet, keep_bool: Mapping[str, Tensor]) -> lis
             )
         mask = keep.detach().float()  # (C,) of 0/1, cast to the output's dtype in the hook
         scales[g] = lambda mask=mask: mask
-    return attach_channel_scales(model, scales)
+    handles = attach_channel_scales(model, scales)
+    # orphan removal: a branch with an empty group is gone as a whole, its last conv too
+    # (whose BN would otherwise add its constant to the stream), as in the pruned model
+    spec = model.describe()
+    for br in spec.branches:
+        if any(g in keep_bool and not keep_bool[g].any() for g in br.groups):
+            for conv in br.convs:
+                c = spec.conv(conv)
+                zero = torch.zeros(widths[c.group])
+                hook = _scale_hook(c.group, lambda zero=zero: zero)
+                handles.append(model.get_submodule(c.bn).register_forward_hook(hook))
+    return handles

@@ -61,7 +61,18 @@ def _where(m: Masks | None = None, source: str | Path | None = None) -> str:
 
 
 def _layers(spec: ModelSpec, kept: Mapping[str, Sequence[int]]) -> dict[str, int]:
-    return {c.conv: len(kept[c.group]) for c in spec.convs if c.group in kept}
+    """Conv -> kept output channels; 0 for every conv of a removed residual branch."""
+    removed = {
+        conv
+        for br in spec.branches
+        if any(g in kept and len(kept[g]) == 0 for g in br.groups)
+        for conv in br.convs
+    }
+    return {
+        c.conv: 0 if c.conv in removed else len(kept[c.group])
+        for c in spec.convs
+        if c.group in kept
+    }
 
 
 def _indices(group: str, keep: Tensor | Sequence[int], width: int | None) -> tuple[int, ...]:
@@ -126,10 +137,14 @@ def validate_masks(m: Masks, spec: ModelSpec, *, model: str | None = None) -> No
     missing = [g for g in widths if g not in m.kept]
     if missing:
         raise MaskError(f"{where}missing groups {missing}: every group needs its kept indices")
+    vanishing = {g for br in spec.branches for g in br.groups}
     for g, width in widths.items():
         idx = m.kept[g]
-        if len(idx) == 0:
-            raise MaskError(f"{where}kept[{g!r}] is empty: a group keeps at least one channel")
+        if len(idx) == 0 and g not in vanishing:
+            raise MaskError(
+                f"{where}kept[{g!r}] is empty: only the inner groups of a residual branch "
+                "may be empty (the branch is then removed); other groups keep a channel"
+            )
         bad = [i for i in idx if not 0 <= i < width]
         if bad:
             raise MaskError(f"{where}kept[{g!r}]: indices {bad[:5]} out of range [0, {width})")

@@ -62,10 +62,17 @@ def _slice_plan(
     plan: dict[str, tuple[Tensor | None, ...]] = {}
     for c in spec.convs:
         conv = model.get_submodule(c.conv)
-        assert isinstance(conv, nn.Conv2d) and conv.groups == 1, f"{c.conv}: grouped conv"
+        assert isinstance(conv, nn.Conv2d), c.conv
         out = pos[c.group]
-        # weight (Cout, Cin, k, k): the image input (in_group None) is never sliced
-        plan[f"{c.conv}.weight"] = (out, None if c.in_group is None else pos[c.in_group])
+        if c.in_group == c.group and conv.groups == conv.in_channels == conv.out_channels:
+            plan[f"{c.conv}.weight"] = (out,)  # depthwise (C, 1, k, k): channel i reads input i
+        elif conv.groups != 1:
+            raise ValueError(
+                f"{c.conv}: grouped convs are not supported, except depthwise ones "
+                "(groups == in_channels == out_channels, described with in_group == group)"
+            )
+        else:  # weight (Cout, Cin, k, k): the image input (in_group None) is never sliced
+            plan[f"{c.conv}.weight"] = (out, None if c.in_group is None else pos[c.in_group])
         plan[f"{c.conv}.bias"] = (out,)
         for k in ("weight", "bias", "running_mean", "running_var"):  # (C,) each
             plan[f"{c.bn}.{k}"] = (out,)
@@ -94,6 +101,12 @@ def prune_model(
     # groups the source already prunes carry over; the rest stay dense (left out of kwargs)
     carried = set(model_kwargs.get("widths") or {}) | set(model_kwargs.get("kept") or {})
     new_kept = {g: list(source[g]) for g in source if g in carried}
+    # groups of branches the source has removed already stay removed (empty), and a branch
+    # with one empty group goes as a whole, so its other groups are emptied too
+    new_kept.update({g: [] for g in carried if g not in source})
+    for br in model.describe().branches:
+        if any(g in new_kept and not new_kept[g] for g in br.groups):
+            new_kept.update({g: [] for g in br.groups})
     new_kept.update({g: [int(i) for i in idx] for g, idx in kept.items()})
     dense_kwargs = {k: v for k, v in model_kwargs.items() if k not in PRUNED_KWARGS}
     kwargs = {
@@ -115,6 +128,13 @@ def prune_model(
     # the constructor checks kept against the dense widths and wires the channel maps
     new = create_model(model_name, **kwargs).to(device=first.device, dtype=first.dtype)
     expected = new.state_dict()
+    # orphan removal: the tensors of branches the new model no longer has are dropped
+    kept_blocks = {br.block for br in new.describe().branches}
+    removed = tuple(
+        f"{br.block}." for br in model.describe().branches if br.block not in kept_blocks
+    )
+    for key in [k for k in state if k.startswith(removed) and k not in expected]:
+        del state[key]
     if set(expected) != set(state):
         raise ValueError(f"{model_name}: state_dict keys differ after rebuilding")
     for key, t in state.items():

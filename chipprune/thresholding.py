@@ -1,6 +1,10 @@
 """The one routine that turns per-channel scores into keep-masks at a budget, for every
 method: rank all channels globally, keep the best of each group (no layer left empty),
-then add channels in rank order until the exact (hard) budget is met from above."""
+then add channels in rank order until the exact (hard) budget is met from above.
+
+Orphan removal (ChipNet): the groups of a removable residual branch (`ModelSpec.branches`)
+are not guaranteed a channel. When one of them ends up empty the whole branch goes, its
+other groups are emptied too, and the hard budget (`Term.when`) no longer counts it."""
 
 from __future__ import annotations
 
@@ -48,8 +52,10 @@ def keep_at_budget(
     # Stable sort on -score keeps (group order, index) order among ties.
     order = torch.sort(-flat, stable=True).indices
     forced = torch.zeros_like(flat, dtype=torch.bool)
-    seen: set[int] = set()
-    for j in order.tolist():  # the best channel of every group is always kept
+    vanishing = {g for br in budget.branches for g in br.groups}
+    # the best channel of every group outside removable branches is always kept
+    seen = {i for i, g in enumerate(groups) if g in vanishing}
+    for j in order.tolist():
         if int(gid[j]) not in seen:
             seen.add(int(gid[j]))
             forced[j] = True
@@ -95,5 +101,9 @@ def keep_at_budget(
         n = budget.dense_widths[g]
         keep[g] = chosen[start : start + n].clone()
         start += n
+    for br in budget.branches:  # a branch with an empty group goes as a whole
+        if any(not keep[g].any() for g in br.groups):
+            for g in br.groups:
+                keep[g].zero_()
     achieved = float(budget.fraction(kind, {g: int(k.sum()) for g, k in keep.items()}))
     return KeepResult(keep=keep, achieved=achieved, target=target)

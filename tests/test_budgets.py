@@ -86,25 +86,47 @@ CASES = [("resnet56", {}, (3, 32, 32)), ("vgg16_bn", {}, (3, 32, 32)), ("resnet5
 def test_thresholding_meets_every_budget_from_above(name, kw, size):
     model = create_model(name, **kw)
     bm = BudgetModel.from_model(model, size)
+    vanishing = {g for br in bm.branches for g in br.groups}
     g = torch.Generator().manual_seed(0)
-    floor = {kind: float(bm.fraction(kind, {k: 1 for k in bm.dense_widths})) for kind in BUDGET_TYPES}
-    below_floor = []
+    removed = 0
     for kind in BUDGET_TYPES:
         for target in TARGETS:
             scores = {k: torch.rand(w, generator=g) for k, w in bm.dense_widths.items()}
             r = keep_at_budget(scores, bm, kind, target)
             widths = {k: int(v.sum()) for k, v in r.keep.items()}
-            assert min(widths.values()) >= 1
+            # no layer left empty, except inner groups of a branch removed as a whole
+            assert all(w >= 1 for k, w in widths.items() if k not in vanishing)
+            for br in bm.branches:
+                assert len({widths[k] == 0 for k in br.groups}) == 1, br  # all or none empty
+                removed += widths[br.groups[0]] == 0
             assert r.achieved == pytest.approx(float(bm.fraction(kind, widths)))
-            if target >= floor[kind]:
-                assert target <= r.achieved <= target + 0.01, (kind, target, r.achieved)
-            else:  # one channel per layer already costs more than the target
-                assert r.achieved == pytest.approx(floor[kind])
-                below_floor.append((kind, target))
-    # Only ResNet-56's channel (floor 2.7%) and volume (floor 4.7%) budgets at 2% lie below
-    # the one-channel-per-layer floor: going lower needs whole residual blocks dropped.
-    expected = {"resnet56": [("channel", 0.02), ("volume", 0.02)], "vgg16_bn": [], "resnet50": []}[name]
-    assert below_floor == expected
+            assert target <= r.achieved <= target + 0.01, (kind, target, r.achieved)
+    # ResNet-56's 2% channel and volume budgets lie below one channel per layer (2.7% and
+    # 4.7%): only orphan removal reaches them; VGG has no residual branch to remove
+    assert (removed > 0) == (name != "vgg16_bn")
+
+
+def test_hard_budget_counts_removed_branches_exactly():
+    """A branch with an empty group costs nothing: the hard budget equals counting.py on the
+    model surgery builds without it, for every budget type's underlying counts."""
+    for name, kw in (("resnet20", {"shortcut": "A"}), ("resnet50", dict(SMALL, cifar_stem=True))):
+        model = create_model(name, **kw)
+        bm = BudgetModel.from_model(model, (3 if name == "resnet20" else 1, 16, 16))
+        size = (3, 16, 16) if name == "resnet20" else (1, 16, 16)
+        keep = {k: list(range(max(1, w // 2))) for k, w in bm.dense_widths.items()}
+        for br in bm.branches[::2]:
+            keep[br.groups[-1]] = []  # one empty group removes the branch
+        pruned, kwargs = prune_model(model, name, kw, keep)
+        assert len(pruned.describe().branches) == len(bm.branches) - len(bm.branches[::2])
+        cost = measure_cost(pruned, size)
+        widths = {k: len(v) for k, v in keep.items()}
+        assert bm.cost("params", widths) == cost.params
+        assert bm.cost("flops", widths) == cost.macs
+        # channel budget: the removed branches' convs, their last one included, count 0
+        live = [c for c in pruned.describe().convs]
+        assert bm.cost("channel", widths) == sum(c.out_channels for c in live)
+        rebuilt = create_model(name, **kwargs)  # the checkpoint's kwargs rebuild it alone
+        assert measure_cost(rebuilt, size) == cost
 
 
 def test_thresholding_keeps_the_highest_scores():

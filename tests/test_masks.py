@@ -65,6 +65,20 @@ def test_masks_from_keep_sorts_and_counts_layers(spec):
     assert all(torch.equal(back[g], bools[g]) for g in widths)
 
 
+def test_a_removed_branch_is_an_empty_group_and_zero_layers(spec, tmp_path):
+    keep = {g: [0] for g in spec.widths()}
+    keep["layer2.1.conv1"] = []  # the branch of block layer2.1 goes as a whole
+    m = masks_from_keep(
+        "resnet20", KWARGS, spec, keep, dataset="digits", method="chipnet", budget=BUDGET
+    )
+    assert m.kept["layer2.1.conv1"] == ()
+    assert m.layers["layer2.1.conv1"] == m.layers["layer2.1.conv2"] == 0
+    assert m.layers["layer2.0.conv2"] == 1  # the stream itself keeps its channel
+    path = tmp_path / "masks.json"
+    save_masks(m, path)
+    assert load_masks(path, spec) == m
+
+
 def test_round_trip(spec, tmp_path):
     m = make(spec)
     path = tmp_path / "sub" / "masks.json"
@@ -112,8 +126,8 @@ BAD_CASES = {  # name: (edit of the JSON document, what the message must say)
         r"kept\['layer3'\]: duplicate indices \[4\]",
     ),
     "empty": (
-        lambda d: d["kept"].update({"layer1.2.conv1": []}),
-        r"kept\['layer1.2.conv1'\] is empty",
+        lambda d: d["kept"].update({"layer1": []}),
+        r"kept\['layer1'\] is empty: only the inner groups of a residual branch",
     ),
     "unsorted": (lambda d: d["kept"].update({"layer1": [3, 0]}), r"kept\['layer1'\].*sorted"),
     "layers disagree": (

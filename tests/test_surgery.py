@@ -27,14 +27,14 @@ from chipprune.surgery import prune_model
 
 MODELS = list_models()
 INPUT = (1, 16, 16)  # (C, H, W): small and grey, every model takes it
-# max abs difference, masked dense vs pruned, float32, eval mode, per unit of output scale
-# (max |logit|, at least 1): float32 rounding grows with the size of the logits
-ATOL = 1e-5
+# max abs difference, masked dense vs pruned, float64, eval mode, per unit of output scale
+# (max |logit|, at least 1): rounding grows with the size of the logits
+ATOL = 1e-10
 
 
 def dense_kwargs(name: str) -> dict:
     kw = {"num_classes": 5, "in_channels": 1}
-    return {**kw, "cifar_stem": True} if name in ("resnet18", "resnet50") else kw
+    return {**kw, "cifar_stem": True} if name in ("resnet18", "resnet50", "resnet101") else kw
 
 
 def randomise_bn(model: PrunableNet, keep: dict[str, list[int]], gen: torch.Generator) -> None:
@@ -71,12 +71,15 @@ def keep_bool(widths: dict[str, int], keep: dict[str, list[int]]) -> dict[str, t
     return out
 
 
-def random_keep(widths: dict[str, int], gen: torch.Generator) -> dict[str, list[int]]:
-    """Seeded random kept sets; every 4th group is cut to a single channel."""
+def random_keep(spec, gen: torch.Generator) -> dict[str, list[int]]:
+    """Seeded random kept sets; every 4th group is cut to a single channel, and every third
+    removable residual branch goes as a whole (one of its groups emptied)."""
     keep = {}
-    for i, (g, c) in enumerate(widths.items()):
+    for i, (g, c) in enumerate(spec.widths().items()):
         k = 1 if i % 4 == 1 else int(torch.randint(1, c + 1, (1,), generator=gen))
         keep[g] = sorted(torch.randperm(c, generator=gen)[:k].tolist())
+    for br in spec.branches[1::3]:
+        keep.update({g: [] for g in br.groups})
     return keep
 
 
@@ -89,7 +92,7 @@ def case(request):
     kwargs = dense_kwargs(name)
     dense = create_model(name, **kwargs)
     spec = dense.describe()
-    keep = random_keep(spec.widths(), gen)
+    keep = random_keep(spec, gen)
     randomise_bn(dense, keep, gen)
     budget = {"type": "channel", "target": 0.5, "achieved": None}
     m = masks_from_keep(name, kwargs, spec, keep, dataset="digits", method="random", budget=budget)
@@ -102,21 +105,30 @@ def case(request):
 
 
 def test_masked_dense_equals_pruned(case):
+    # in float64: the identity is exact, while float32 rounding is amplified past any fixed
+    # tolerance by the random BN (a 1-channel bottleneck leaves a MobileNetV2 stream rank 1,
+    # and BN gains of several hundred follow); the float32 outputs are compared loosely
     handles = apply_hard_masks(case.dense, kept_as_bool(case.masks, case.spec))
     with torch.no_grad():
-        masked = case.dense(case.x)
+        masked32 = case.dense(case.x)
+        dense64 = copy.deepcopy(case.dense).double()
+        masked = dense64(case.x.double())
         for h in handles:
             h.remove()
         dense = case.dense(case.x)
-        pruned = case.pruned(case.x)
-    assert not case.pruned.training
+        pruned32 = case.pruned(case.x)
+        pruned = copy.deepcopy(case.pruned).double()(case.x.double())
+    assert not case.pruned.training and pruned32.dtype == torch.float32
+    assert (masked32 - pruned32).abs().max() <= 1e-3 * max(1.0, pruned32.abs().max().item())
     assert pruned.shape == (4, 5) and torch.isfinite(pruned).all()
     # the outputs depend on the image, and the masks change them
-    spread, change = pruned.std(0).max().item(), (masked - dense).abs().max().item()
+    # (the unmasked model may overflow on deep nets: its BN statistics are the masked ones)
+    spread = pruned.std(0).max().item()
+    change = (masked - dense).abs().nan_to_num(nan=float("inf")).max().item()
     diff = (masked - pruned).abs().max().item()
     scale = max(1.0, pruned.abs().max().item())
     print(f"{case.name}: max |masked - pruned| {diff:.1e}, max |logit| {scale:.1f}")
-    assert spread > 0.05 and change > 0.1
+    assert spread > 0.01 and change > 0.1
     assert diff <= ATOL * scale
 
 
@@ -155,7 +167,8 @@ def test_masked_channels_are_zero_at_every_scoring_relu(case):
 
 def test_pruned_widths_kwargs_and_cost(case):
     widths = {g: len(k) for g, k in case.keep.items()}
-    assert case.pruned.describe().widths() == widths
+    # the groups of removed branches are gone from the pruned model (0 in its kwargs)
+    assert case.pruned.describe().widths() == {g: w for g, w in widths.items() if w}
     assert case.pruned_kwargs["widths"] == widths
     assert case.pruned_kwargs["kept"] == case.keep
     assert {k: v for k, v in case.pruned_kwargs.items() if k not in ("widths", "kept")} == (
@@ -177,8 +190,11 @@ def test_pruned_model_trains(case):
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
-    moved = [n for n, p in model.named_parameters() if p.grad.abs().max() > 0]
-    assert changed == moved
+    moved = [n for n, p in model.named_parameters() if p.grad.abs().max() > 1e-6]
+    touched = [n for n, p in model.named_parameters() if p.grad.abs().max() > 0]
+    # (a gradient that is zero in exact arithmetic may come out ~1e-9 and move nothing: the
+    # stream BN biases of MobileNetV2, whose every reader is a conv and a train-mode BN)
+    assert set(moved) <= set(changed) <= set(touched)
     assert "conv1.weight" in changed or "features.conv0.weight" in changed
     assert f"{case.spec.classifier}.weight" in changed
 
@@ -197,10 +213,10 @@ def test_pruning_twice_equals_pruning_once(name):
     gen = torch.Generator().manual_seed(1)
     kwargs = dense_kwargs(name)
     dense = create_model(name, **kwargs)
-    first = random_keep(dense.describe().widths(), gen)
+    first = random_keep(dense.describe(), gen)
     randomise_bn(dense, first, gen)
     # the second cut: every other kept channel of a few groups, the rest carried over
-    second = {g: idx[::2] for g, idx in list(first.items())[::3]}
+    second = {g: idx[::2] for g, idx in list(first.items())[::3] if idx}
     once, once_kw = prune_model(dense, name, kwargs, {**first, **second})
     step, step_kw = prune_model(dense, name, kwargs, first)
     twice, twice_kw = prune_model(step, name, step_kw, second)

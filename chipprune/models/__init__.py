@@ -3,9 +3,10 @@
 from . import resnet, resnet_cifar, vgg  # noqa: F401  (registers the models)
 from .base import ChannelMapShortcut, PrunableNet
 from .registry import create_model, list_models, register_model
-from .spec import ChannelMap, ModelSpec, PrunableConv
+from .spec import Branch, ChannelMap, ModelSpec, PrunableConv
 
 __all__ = [
+    "Branch",
     "ChannelMap",
     "ChannelMapShortcut",
     "ModelSpec",

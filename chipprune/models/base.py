@@ -40,13 +40,14 @@ class GroupWidths:
         self._kept = {g: [int(i) for i in idx] for g, idx in (kept or {}).items()}
         self._resolved: dict[str, tuple[int, list[int]]] = {}  # group -> (width, kept indices)
 
-    def __call__(self, group: str, dense: int) -> int:
-        """Width of `group`, whose dense width is `dense`."""
+    def __call__(self, group: str, dense: int, may_vanish: bool = False) -> int:
+        """Width of `group`, whose dense width is `dense`. Only a group of a removable
+        residual branch (`may_vanish`) may have width 0: the branch is then left out."""
         if group not in self._resolved:
-            self._resolved[group] = self._resolve(group, dense)
+            self._resolved[group] = self._resolve(group, dense, may_vanish)
         return self._resolved[group][0]
 
-    def _resolve(self, group: str, dense: int) -> tuple[int, list[int]]:
+    def _resolve(self, group: str, dense: int, may_vanish: bool) -> tuple[int, list[int]]:
         width, kept = self._widths.get(group), self._kept.get(group)
         if kept is not None:
             if len(set(kept)) != len(kept) or not all(0 <= i < dense for i in kept):
@@ -56,8 +57,9 @@ class GroupWidths:
             width = len(kept)
         if width is None:
             width = dense
-        if not 1 <= int(width) <= dense:
-            raise ValueError(f"widths[{group!r}]={width} must be in [1, {dense}]")
+        least = 0 if may_vanish else 1
+        if not least <= int(width) <= dense:
+            raise ValueError(f"widths[{group!r}]={width} must be in [{least}, {dense}]")
         return int(width), kept if kept is not None else list(range(width))
 
     def kept(self, group: str) -> list[int]:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .base import GroupWidths, PrunableNet
 from .registry import register_model
-from .spec import ModelSpec, PrunableConv
+from .spec import Branch, ModelSpec, PrunableConv
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
@@ -21,16 +21,21 @@ class BasicBlock(nn.Module):
         self, cin: int, mids: tuple[int, ...], cout: int, stride: int, downsample: nn.Module | None
     ):
         super().__init__()
-        self.conv1, self.bn1 = _conv_bn(cin, mids[0], 3, stride)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv2, self.bn2 = _conv_bn(mids[0], cout, 3, 1)
+        self.has_branch = min(mids) > 0  # else removed (orphan removal): relu(identity)
+        if self.has_branch:
+            self.conv1, self.bn1 = _conv_bn(cin, mids[0], 3, stride)
+            self.relu1 = nn.ReLU(inplace=True)
+            self.conv2, self.bn2 = _conv_bn(mids[0], cout, 3, 1)
         self.downsample = downsample
         self.relu2 = nn.ReLU(inplace=True)  # after the add
 
     def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        if not self.has_branch:
+            # in place on x itself would overwrite a tensor autograd saved: copy it
+            return self.relu2(identity.clone() if identity is x else identity)
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
         return self.relu2(out + identity)
 
 
@@ -43,19 +48,24 @@ class Bottleneck(nn.Module):
         self, cin: int, mids: tuple[int, ...], cout: int, stride: int, downsample: nn.Module | None
     ):
         super().__init__()
-        self.conv1, self.bn1 = _conv_bn(cin, mids[0], 1, 1)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv2, self.bn2 = _conv_bn(mids[0], mids[1], 3, stride)
-        self.relu2 = nn.ReLU(inplace=True)
-        self.conv3, self.bn3 = _conv_bn(mids[1], cout, 1, 1)
+        self.has_branch = min(mids) > 0  # else removed (orphan removal): relu(identity)
+        if self.has_branch:
+            self.conv1, self.bn1 = _conv_bn(cin, mids[0], 1, 1)
+            self.relu1 = nn.ReLU(inplace=True)
+            self.conv2, self.bn2 = _conv_bn(mids[0], mids[1], 3, stride)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv3, self.bn3 = _conv_bn(mids[1], cout, 1, 1)
         self.downsample = downsample
         self.relu3 = nn.ReLU(inplace=True)  # after the add
 
     def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        if not self.has_branch:
+            # in place on x itself would overwrite a tensor autograd saved: copy it
+            return self.relu3(identity.clone() if identity is x else identity)
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.relu2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
         return self.relu3(out + identity)
 
 
@@ -88,6 +98,7 @@ class ResNet(PrunableNet):
             self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.relu = nn.ReLU(inplace=True)
         convs = [PrunableConv("conv1", "bn1", stem, None, "relu")]
+        branches: list[Branch] = []
 
         in_group, in_dense, in_width = stem, 64, w(stem, 64)
         for s, (planes, n) in enumerate(zip((64, 128, 256, 512), layers, strict=True), start=1):
@@ -95,13 +106,17 @@ class ResNet(PrunableNet):
             width = w(stage, planes * e)
             for b in range(n):
                 p, stride = f"{stage}.{b}.", 2 if s > 1 and b == 0 else 1  # p: name prefix
-                mids = tuple(w(f"{p}conv{i}", planes) for i in range(1, n_inner + 1))
-                for i in range(1, n_inner + 2):  # the last conv joins the stage stream
-                    feed = in_group if i == 1 else f"{p}conv{i - 1}"
-                    group = f"{p}conv{i}" if i <= n_inner else stage
-                    convs.append(
-                        PrunableConv(f"{p}conv{i}", f"{p}bn{i}", group, feed, f"{p}relu{i}")
-                    )
+                inner = tuple(f"{p}conv{i}" for i in range(1, n_inner + 1))
+                mids = tuple(w(g, planes, may_vanish=True) for g in inner)
+                if min(mids) > 0:  # a removed branch has no convs to describe
+                    for i in range(1, n_inner + 2):  # the last conv joins the stage stream
+                        feed = in_group if i == 1 else f"{p}conv{i - 1}"
+                        group = f"{p}conv{i}" if i <= n_inner else stage
+                        convs.append(
+                            PrunableConv(f"{p}conv{i}", f"{p}bn{i}", group, feed, f"{p}relu{i}")
+                        )
+                    branch_convs = (*inner, f"{p}conv{n_inner + 1}")
+                    branches.append(Branch(p[:-1], inner, branch_convs))
                 downsample = None
                 if stride != 1 or in_dense != planes * e:
                     downsample = nn.Sequential(*_conv_bn(in_width, width, 1, stride))
@@ -118,7 +133,7 @@ class ResNet(PrunableNet):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_width, num_classes)
         w.check_all_used()
-        self._spec = ModelSpec(tuple(convs), (), "fc", "layer4")
+        self._spec = ModelSpec(tuple(convs), (), "fc", "layer4", branches=tuple(branches))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -139,3 +154,8 @@ def resnet18(**kw) -> ResNet:
 @register_model
 def resnet50(**kw) -> ResNet:
     return ResNet(Bottleneck, (3, 4, 6, 3), **kw)
+
+
+@register_model
+def resnet101(**kw) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 23, 3), **kw)

@@ -7,23 +7,30 @@ from torch import Tensor, nn
 
 from .base import ChannelMapShortcut, GroupWidths, PrunableNet
 from .registry import register_model
-from .spec import ChannelMap, ModelSpec, PrunableConv
+from .spec import Branch, ChannelMap, ModelSpec, PrunableConv
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU (relu2 = after the add)."""
+    """conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU (relu2 = after the add).
+    With `mid` 0 the branch is removed (orphan removal): relu2(shortcut(x))."""
 
     def __init__(self, in_planes: int, mid: int, planes: int, stride: int, shortcut: nn.Module):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, mid, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(mid, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.has_branch = mid > 0
+        if self.has_branch:
+            self.conv1 = nn.Conv2d(in_planes, mid, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(mid)
+            self.relu1 = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(mid, planes, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = shortcut
         self.relu2 = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.has_branch:
+            identity = self.shortcut(x)
+            # in place on x itself would overwrite a tensor autograd saved: copy it
+            return self.relu2(identity.clone() if identity is x else identity)
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu2(out + self.shortcut(x))
@@ -57,6 +64,7 @@ class CifarResNet(PrunableNet):
         self.relu = nn.ReLU(inplace=True)
         convs = [PrunableConv("conv1", "bn1", stem, None, "relu")]
         maps: list[ChannelMap] = []
+        branches: list[Branch] = []
 
         # the stream entering the next block: its group, dense and actual width
         in_group, in_dense, in_width = stem, 16, w(stem, 16)
@@ -64,11 +72,13 @@ class CifarResNet(PrunableNet):
             stage, blocks, width = f"layer{s}", [], w(f"layer{s}", planes)
             for b in range(n):
                 p, st = f"{stage}.{b}.", stride if b == 0 else 1  # p: name prefix
-                mid = w(f"{p}conv1", planes)
-                convs += [
-                    PrunableConv(f"{p}conv1", f"{p}bn1", f"{p}conv1", in_group, f"{p}relu1"),
-                    PrunableConv(f"{p}conv2", f"{p}bn2", stage, f"{p}conv1", f"{p}relu2"),
-                ]
+                mid = w(f"{p}conv1", planes, may_vanish=True)
+                if mid > 0:  # a removed branch has no convs to describe
+                    convs += [
+                        PrunableConv(f"{p}conv1", f"{p}bn1", f"{p}conv1", in_group, f"{p}relu1"),
+                        PrunableConv(f"{p}conv2", f"{p}bn2", stage, f"{p}conv1", f"{p}relu2"),
+                    ]
+                    branches.append(Branch(p[:-1], (f"{p}conv1",), (f"{p}conv1", f"{p}conv2")))
                 if option_a:
                     # 16 -> 32 planes: the input lands at original channels 8..23 (planes // 4)
                     offset = (planes - in_dense) // 2
@@ -88,7 +98,7 @@ class CifarResNet(PrunableNet):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(w("layer3", 64), num_classes)
         w.check_all_used()
-        self._spec = ModelSpec(tuple(convs), tuple(maps), "fc", "layer3")
+        self._spec = ModelSpec(tuple(convs), tuple(maps), "fc", "layer3", branches=tuple(branches))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -36,12 +36,27 @@ class ChannelMap:
 
 
 @dataclass(frozen=True)
+class Branch:
+    """A residual branch that may go as a whole (ChipNet's orphan removal).
+
+    When any of its `groups` keeps no channel, the branch carries nothing: the block adds
+    nothing to its shortcut, so every conv of the branch (`convs`, incl. its last one, which
+    belongs to the stream group) is removed and the block computes relu(shortcut(x)).
+    """
+
+    block: str  # qualified name of the block module
+    groups: tuple[str, ...]  # the branch's own (inner) groups; only these may be empty
+    convs: tuple[str, ...]  # every prunable conv of the branch, in forward order
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     convs: tuple[PrunableConv, ...]  # forward order
     channel_maps: tuple[ChannelMap, ...]  # empty for models without option-A shortcuts
     classifier: str  # the first nn.Linear (never pruned)
     classifier_in_group: str  # the group feeding the classifier
     in_channels: int = 3  # channels of the image (the input of in_group None)
+    branches: tuple[Branch, ...] = ()  # removable residual branches (none for plain nets)
 
     def groups(self) -> dict[str, list[PrunableConv]]:
         """Group name -> its convs, both in forward order (a group appears where it starts)."""
