@@ -76,8 +76,14 @@ def _slice_plan(
         plan[f"{c.conv}.bias"] = (out,)
         for k in ("weight", "bias", "running_mean", "running_var"):  # (C,) each
             plan[f"{c.bn}.{k}"] = (out,)
+    for f in spec.fixed:  # outputs never pruned; the input channels of a pruned group go
+        if f.in_group is not None:
+            conv = model.get_submodule(f.conv)
+            assert isinstance(conv, nn.Conv2d) and conv.groups == 1, f.conv
+            plan[f"{f.conv}.weight"] = (None, pos[f.in_group])
     # the classifier sees the pooled channels of its group: weight (classes, C)
-    plan[f"{spec.classifier}.weight"] = (None, pos[spec.classifier_in_group])
+    if spec.classifier_in_group is not None:
+        plan[f"{spec.classifier}.weight"] = (None, pos[spec.classifier_in_group])
     return plan
 
 

@@ -23,6 +23,11 @@ VARIANTS = [(n, {}) for n in MODELS] + [
 IDS = [n + "".join(f"-{k}={v}" for k, v in kw.items()) for n, kw in VARIANTS]
 
 
+ACTS = (nn.ReLU, nn.ReLU6)  # MobileNetV2 uses ReLU6
+# where channels are scored: an activation, or an nn.Identity tap on a linear bottleneck
+SCORE_AT = (*ACTS, nn.Identity)
+
+
 def _named(model: nn.Module) -> dict[str, nn.Module]:
     return dict(model.named_modules())
 
@@ -38,6 +43,7 @@ def _forward_backward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_registry_lists_every_family():
     expected = {"resnet20", "resnet32", "resnet56", "resnet110", "vgg16_bn", "resnet18", "resnet50"}
+    expected |= {"resnet101", "wrn26_12", "wrn", "mobilenetv2_cifar", "preresnet164"}
     assert set(MODELS) == expected
 
 
@@ -68,23 +74,35 @@ def test_describe_matches_module_tree(name, kw):
     spec, mods = model.describe(), _named(model)
     widths = spec.widths()
     assert spec.in_channels == 1
-    # every conv of the model is described exactly once
+    # every conv of the model is described exactly once (prunable, or fixed: never pruned)
     all_convs = [n for n, m in mods.items() if isinstance(m, nn.Conv2d)]
-    assert sorted(c.conv for c in spec.convs) == sorted(all_convs)
+    assert sorted(c.conv for c in (*spec.convs, *spec.fixed)) == sorted(all_convs)
+    assert bool(spec.fixed) == (name == "preresnet164")
+    for f in spec.fixed:  # its outputs are never pruned; its input may be
+        conv = mods[f.conv]
+        assert isinstance(conv, nn.Conv2d) and conv.groups == 1, f
+        assert f.in_group is None or conv.in_channels == widths[f.in_group], f
     for c in spec.convs:
         conv, bn, relu = mods[c.conv], mods[c.bn], mods[c.score_at]
         assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d), c
-        assert isinstance(relu, nn.ReLU), c
+        assert isinstance(relu, SCORE_AT), c
         assert conv.out_channels == bn.num_features == c.out_channels == widths[c.group], c
-        assert conv.in_channels == (1 if c.in_group is None else widths[c.in_group]), c
-    # the stem is the only conv fed by the image
-    assert [c.conv for c in spec.convs if c.in_group is None] == [
-        "conv1" if "resnet" in name else "features.conv0"
-    ]
+        if c.in_group is not None:  # else the image, or a stream that is never pruned
+            assert conv.in_channels == widths[c.in_group], c
+    # the stem is the first conv with an unpruned input (fixed convs first), fed by the image
+    stem = next(c for c in (*spec.fixed, *spec.convs) if c.in_group is None)
+    assert stem.conv == ("features.conv0" if name == "vgg16_bn" else "conv1")
+    assert mods[stem.conv].in_channels == 1
+    unpruned_in = [c.conv for c in spec.convs if c.in_group is None]
+    if not spec.fixed:  # the stem is the only one
+        assert unpruned_in == [stem.conv]
+    else:  # PreResNet: the blocks' conv1 read the (unpruned) stream
+        assert all(n.endswith(".conv1") for n in unpruned_in) and len(unpruned_in) == 54
     fc = mods[spec.classifier]
     assert isinstance(fc, nn.Linear)
     assert fc is next(m for m in model.modules() if isinstance(m, nn.Linear))
-    assert fc.in_features == widths[spec.classifier_in_group]
+    if spec.classifier_in_group is not None:  # else it reads a stream that is never pruned
+        assert fc.in_features == widths[spec.classifier_in_group]
     for cm in spec.channel_maps:
         sc = mods[cm.module]
         assert isinstance(sc, ChannelMapShortcut)
@@ -92,7 +110,7 @@ def test_describe_matches_module_tree(name, kw):
         assert (sc.offset, sc.stride) == (cm.offset, cm.stride)
     assert bool(spec.channel_maps) == (
         name.startswith("resnet")
-        and name not in ("resnet18", "resnet50")
+        and name not in ("resnet18", "resnet50", "resnet101")
         and kw.get("shortcut") != "B"
     )
 
@@ -100,8 +118,12 @@ def test_describe_matches_module_tree(name, kw):
 @pytest.mark.parametrize("name,kw", VARIANTS, ids=IDS)
 def test_every_relu_is_its_own_module_called_once_and_scores_its_conv(name, kw):
     model = create_model(name, **kw).eval()
-    relus = [m for _, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.ReLU)]
+    relus = [m for _, m in model.named_modules(remove_duplicate=False) if isinstance(m, ACTS)]
     assert len({id(m) for m in relus}) == len(relus)
+    mods = _named(model)
+    taps = {mods[c.score_at] for c in model.describe().convs} - set(relus)
+    assert all(type(m) is nn.Identity for m in taps)  # no other kind of scoring module
+    relus += list(taps)
     calls: dict[nn.Module, list[torch.Size]] = {m: [] for m in relus}
     handles = [m.register_forward_hook(lambda m, i, o: calls[m].append(o.shape)) for m in relus]
     with torch.no_grad():
@@ -223,8 +245,26 @@ def _coupled_out_channels(graph: tp.DependencyGraph, conv: nn.Module, names) -> 
 
 @pytest.mark.parametrize(
     "name,kw",
-    [("resnet20", {"shortcut": "B"}), ("resnet18", {}), ("resnet50", {}), ("vgg16_bn", {})],
-    ids=["resnet20-B", "resnet18", "resnet50", "vgg16_bn"],
+    [
+        ("resnet20", {"shortcut": "B"}),
+        ("resnet18", {}),
+        ("resnet50", {}),
+        ("vgg16_bn", {}),
+        ("wrn", {}),
+        ("wrn", {"widen_factor": 1}),
+        ("mobilenetv2_cifar", {}),  # depthwise convs couple their input and output
+        ("preresnet164", {}),
+    ],
+    ids=[
+        "resnet20-B",
+        "resnet18",
+        "resnet50",
+        "vgg16_bn",
+        "wrn",
+        "wrn-k1",
+        "mobilenetv2",
+        "preresnet",
+    ],
 )
 def test_groups_equal_torch_pruning_dependencies(name, kw):
     model = create_model(name, **kw).eval()

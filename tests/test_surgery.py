@@ -27,9 +27,10 @@ from chipprune.surgery import prune_model
 
 MODELS = list_models()
 INPUT = (1, 16, 16)  # (C, H, W): small and grey, every model takes it
-# max abs difference, masked dense vs pruned, float64, eval mode, per unit of output scale
-# (max |logit|, at least 1): rounding grows with the size of the logits
-ATOL = 1e-10
+# max abs difference, masked dense vs pruned, eval mode, per unit of output scale (max |logit|,
+# at least 1): rounding grows with the size of the logits. float32, and float64 where float32
+# rounding, amplified by the random BN, exceeds it (see test_masked_dense_equals_pruned)
+ATOL, ATOL64 = 1e-5, 1e-10
 
 
 def dense_kwargs(name: str) -> dict:
@@ -105,21 +106,15 @@ def case(request):
 
 
 def test_masked_dense_equals_pruned(case):
-    # in float64: the identity is exact, while float32 rounding is amplified past any fixed
-    # tolerance by the random BN (a 1-channel bottleneck leaves a MobileNetV2 stream rank 1,
-    # and BN gains of several hundred follow); the float32 outputs are compared loosely
-    handles = apply_hard_masks(case.dense, kept_as_bool(case.masks, case.spec))
+    keep = kept_as_bool(case.masks, case.spec)
+    handles = apply_hard_masks(case.dense, keep)
     with torch.no_grad():
-        masked32 = case.dense(case.x)
-        dense64 = copy.deepcopy(case.dense).double()
-        masked = dense64(case.x.double())
+        masked = case.dense(case.x)
         for h in handles:
             h.remove()
         dense = case.dense(case.x)
-        pruned32 = case.pruned(case.x)
-        pruned = copy.deepcopy(case.pruned).double()(case.x.double())
-    assert not case.pruned.training and pruned32.dtype == torch.float32
-    assert (masked32 - pruned32).abs().max() <= 1e-3 * max(1.0, pruned32.abs().max().item())
+        pruned = case.pruned(case.x)
+    assert not case.pruned.training
     assert pruned.shape == (4, 5) and torch.isfinite(pruned).all()
     # the outputs depend on the image, and the masks change them
     # (the unmasked model may overflow on deep nets: its BN statistics are the masked ones)
@@ -129,7 +124,18 @@ def test_masked_dense_equals_pruned(case):
     scale = max(1.0, pruned.abs().max().item())
     print(f"{case.name}: max |masked - pruned| {diff:.1e}, max |logit| {scale:.1f}")
     assert spread > 0.01 and change > 0.1
-    assert diff <= ATOL * scale
+    if diff > ATOL * scale:
+        # the identity is exact, but float32 rounding can be amplified past any fixed
+        # tolerance by the random BN (a 1-channel bottleneck leaves a MobileNetV2 stream
+        # rank 1 and BN gains of several hundred follow): then check it in float64
+        dense64, x64 = copy.deepcopy(case.dense).double(), case.x.double()
+        handles = apply_hard_masks(dense64, keep)
+        with torch.no_grad():
+            diff = (dense64(x64) - copy.deepcopy(case.pruned).double()(x64)).abs().max().item()
+        for h in handles:
+            h.remove()
+        print(f"{case.name}: in float64, max |masked - pruned| {diff:.1e}")
+        assert diff <= ATOL64 * scale
 
 
 def test_pruned_channel_maps_gather_non_trivially(case):

@@ -1,14 +1,15 @@
 """Prunable CNNs behind one registry: `create_model(name, **kw)`, each with `describe()`."""
 
-from . import resnet, resnet_cifar, vgg  # noqa: F401  (registers the models)
+from . import mobilenetv2, preresnet, resnet, resnet_cifar, vgg, wrn  # noqa: F401  (registers)
 from .base import ChannelMapShortcut, PrunableNet
 from .registry import create_model, list_models, register_model
-from .spec import Branch, ChannelMap, ModelSpec, PrunableConv
+from .spec import Branch, ChannelMap, FixedConv, ModelSpec, PrunableConv
 
 __all__ = [
     "Branch",
     "ChannelMap",
     "ChannelMapShortcut",
+    "FixedConv",
     "ModelSpec",
     "PrunableConv",
     "PrunableNet",

@@ -22,7 +22,7 @@ class PrunableNet(nn.Module):
             replace(c, out_channels=self.get_submodule(c.conv).out_channels)
             for c in self._spec.convs
         )
-        stem = next(c for c in self._spec.convs if c.in_group is None)
+        stem = next(c for c in (*self._spec.fixed, *self._spec.convs) if c.in_group is None)
         in_channels = self.get_submodule(stem.conv).in_channels
         return replace(self._spec, convs=convs, in_channels=in_channels)
 

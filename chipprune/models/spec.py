@@ -15,10 +15,22 @@ class PrunableConv:
     conv: str  # qualified name of the nn.Conv2d
     bn: str  # qualified name of the BatchNorm2d right after it (gates multiply its output)
     group: str  # coupling group: every conv of a group keeps the same output channels
-    in_group: str | None  # group whose channels feed this conv (None = the image)
-    score_at: str  # the dedicated nn.ReLU whose output scores these channels (CHIP); for a
-    # residual block's last conv and its downsample, the ReLU after the add
+    in_group: str | None  # group whose channels feed this conv (None = an input that is
+    # never pruned: the image, or a stream of `FixedConv`s)
+    score_at: str  # the dedicated nn.ReLU (or ReLU6) whose output scores these channels
+    # (CHIP); for a residual block's last conv and its downsample, the ReLU after the add; an
+    # nn.Identity tap on the block output where there is no activation (linear bottleneck)
     out_channels: int = 0  # current width; describe() fills it from the module tree
+
+
+@dataclass(frozen=True)
+class FixedConv:
+    """An nn.Conv2d that is described but never pruned: its output channels stay as they are
+    (it has no BN of its own right after it to gate, like the stream convs of a pre-activation
+    ResNet). Only its input channels are sliced, when `in_group` is pruned."""
+
+    conv: str  # qualified name of the nn.Conv2d (groups == 1)
+    in_group: str | None  # group whose channels feed it (None = an input never pruned)
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,8 @@ class Branch:
     block: str  # qualified name of the block module
     groups: tuple[str, ...]  # the branch's own (inner) groups; only these may be empty
     convs: tuple[str, ...]  # every prunable conv of the branch, in forward order
+    also: tuple[str, ...] = ()  # other modules with parameters that go with the branch
+    # (e.g. a pre-activation BN, a FixedConv at its end)
 
 
 @dataclass(frozen=True)
@@ -54,9 +68,12 @@ class ModelSpec:
     convs: tuple[PrunableConv, ...]  # forward order
     channel_maps: tuple[ChannelMap, ...]  # empty for models without option-A shortcuts
     classifier: str  # the first nn.Linear (never pruned)
-    classifier_in_group: str  # the group feeding the classifier
-    in_channels: int = 3  # channels of the image (the input of in_group None)
+    classifier_in_group: str | None  # the group feeding the classifier (None: never pruned)
+    in_channels: int = 3  # channels of the image
     branches: tuple[Branch, ...] = ()  # removable residual branches (none for plain nets)
+    # convs that are described but never pruned, forward order; the image feeds the first conv
+    # with in_group None, looking at these first
+    fixed: tuple[FixedConv, ...] = ()
 
     def groups(self) -> dict[str, list[PrunableConv]]:
         """Group name -> its convs, both in forward order (a group appears where it starts)."""
