@@ -32,6 +32,7 @@ lint: setup
 
 bench: setup
 	python bench/train_throughput.py
+	python bench/ddp_scaling.py
 	python bench/chipnet_overhead.py
 	python bench/chip_ci.py
 

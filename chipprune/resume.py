@@ -24,15 +24,18 @@ class ResumeStore:
         self.path = Path(path)
         self.fingerprint = fingerprint
 
-    def load(self) -> dict[str, Any] | None:
-        """The saved state if it belongs to this exact run, else None (and a stale file is removed)."""
+    def load(self, *, clear_stale: bool = True, quiet: bool = False) -> dict[str, Any] | None:
+        """The saved state if it belongs to this exact run, else None (and a stale file is
+        removed unless `clear_stale` is false: a non-zero rank only reads)."""
         if not self.path.exists():
             return None
         state = load_file(self.path)
         if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
-            self.clear()
+            if clear_stale:
+                self.clear()
             return None
-        print(f"resuming from {self.path} (epoch {state['state']['epoch']})", flush=True)
+        if not quiet:
+            print(f"resuming from {self.path} (epoch {state['state']['epoch']})", flush=True)
         return state["state"]
 
     def save(self, state: dict[str, Any]) -> None:

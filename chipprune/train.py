@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from chipprune import distributed
 from chipprune.config import AugmentConfig, ScheduleConfig, TrainConfig
 from chipprune.resume import ResumeStore
 
@@ -62,20 +63,26 @@ def seed_everything(seed: int, device: torch.device) -> None:
 
 
 def random_crop_flip(
-    x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator
+    x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator, part: slice | None = None
 ) -> torch.Tensor:
-    """Batched augmentation of uint8 images (B, C, H, W): zero-padded random crop, h-flip."""
+    """Batched augmentation of uint8 images (B, C, H, W): zero-padded random crop, h-flip.
+
+    `part`: `x` is a data-parallel rank's rows of a global batch of len(x) * world() images;
+    the draws are made for the whole global batch and sliced, so every rank augments its
+    rows exactly as one process augments the global batch."""
     b, _, h, w = x.shape
+    n = b if part is None else b * distributed.world()
+    rows_of = slice(None) if part is None else part
     if padding > 0:
         xp = F.pad(x, (padding,) * 4)  # (B, C, H+2p, W+2p)
-        oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
-        ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
+        oy = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=x.device)[rows_of]
+        ox = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=x.device)[rows_of]
         rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
         cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
         bidx = torch.arange(b, device=x.device)[:, None, None]
         x = xp.permute(0, 2, 3, 1)[bidx, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
     if flip:
-        coin = torch.rand(b, generator=gen, device=x.device) < 0.5
+        coin = torch.rand(n, generator=gen, device=x.device)[rows_of] < 0.5
         x = torch.where(coin[:, None, None, None], x.flip(3), x)
     return x
 
@@ -114,24 +121,35 @@ def sgd(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DeviceData, batch_size: int = 1024) -> dict[str, float]:
-    """Loss, top-1 and top-k (k = min(5, classes)) accuracy in eval mode."""
+    """Loss, top-1 and top-k (k = min(5, classes)) accuracy in eval mode.
+
+    In a process group every rank must call it: batch j goes to rank j mod N, the per-batch
+    sums are all-reduced and added in batch order, so the result is bit for bit the
+    one-process result (same batches, same kernels, same order of additions)."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=data.labels.device)
-    top1 = torch.zeros((), device=data.labels.device)
-    topk = torch.zeros((), device=data.labels.device)
-    for i in range(0, len(data), batch_size):
+    starts = range(0, len(data), batch_size)
+    n_ranks, me = distributed.world(), distributed.rank()
+    sums = torch.zeros(len(starts), 3, device=data.labels.device)  # loss, top-1, top-k
+    for j, i in enumerate(starts):
+        if j % n_ranks != me:
+            continue
         x = data.normalise(data.images[i : i + batch_size])
         y = data.labels[i : i + batch_size]
         out = model(x).float()
-        loss_sum += F.cross_entropy(out, y, reduction="sum")
+        sums[j, 0] = F.cross_entropy(out, y, reduction="sum")
         k = min(5, out.shape[1])
         pred = out.topk(k, dim=1).indices  # (B, k)
-        top1 += (pred[:, 0] == y).sum()
-        topk += (pred == y[:, None]).any(dim=1).sum()
+        sums[j, 1] = (pred[:, 0] == y).sum()
+        sums[j, 2] = (pred == y[:, None]).any(dim=1).sum()
     model.train(was_training)
+    distributed.all_reduce_sum(sums)
+    total = torch.zeros(3, device=data.labels.device)
+    for j in range(len(starts)):
+        total += sums[j]
+    loss_sum, top1, topk = total.tolist()
     n = max(1, len(data))
-    return {"loss": loss_sum.item() / n, "top1": top1.item() / n, "top5": topk.item() / n}
+    return {"loss": loss_sum / n, "top1": top1 / n, "top5": topk / n}
 
 
 class TrainHooks:
@@ -169,7 +187,11 @@ def fit(
     resume: ResumeStore | None = None,
     log: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
-    """Train `model` for cfg.epochs on device tensors; returns the per-epoch history."""
+    """Train `model` for cfg.epochs on device tensors; returns the per-epoch history.
+
+    In a process group (see `chipprune.distributed`) every rank calls it alike: the model is
+    wrapped in DDP, each rank trains on its slice of every global batch of cfg.batch_size,
+    metrics are all-reduced, and rank 0 alone saves the resume state, logs and prints."""
     device = train.images.device
     hooks = hooks or TrainHooks()
     optimizer = optimizer or sgd(model, cfg)
@@ -178,10 +200,20 @@ def fit(
     cuda = device.type == "cuda"
     if cuda and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    n_ranks = distributed.world()
+    main = distributed.is_main()
 
     history: list[dict[str, float]] = []
     start_epoch = 0
-    state = resume.load() if resume else None
+    state = None
+    if resume and n_ranks > 1:
+        # Every rank reads rank 0's file; only then may rank 0 remove a stale one.
+        state = resume.load(clear_stale=False, quiet=not main)
+        distributed.barrier()
+        if main and state is None:
+            resume.clear()
+    elif resume:
+        state = resume.load()
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -193,8 +225,17 @@ def fit(
     n = len(train)
     bs = min(cfg.batch_size, n)
     steps_per_epoch = n // bs  # drop the ragged tail: a batch of one breaks BN in train mode
+    part = distributed.batch_part(bs) if n_ranks > 1 else None  # this rank's rows of a batch
+    net, synced_bn = model, []
+    if n_ranks > 1:
+        if cfg.distributed.sync_bn:
+            synced_bn = distributed.sync_batchnorm(model)
+        net = distributed.wrap(model, optimizer)
     bar = tqdm(
-        total=cfg.epochs, initial=start_epoch, desc="train", disable=not sys.stderr.isatty()
+        total=cfg.epochs,
+        initial=start_epoch,
+        desc="train",
+        disable=not sys.stderr.isatty() or not main,
     )
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -210,14 +251,17 @@ def fit(
                 g["lr"] = lr * mult
             hooks.on_step(step, steps_per_epoch)
 
-            idx = perm[i * bs : (i + 1) * bs]
-            x = random_crop_flip(train.images[idx], augment.crop_padding, augment.flip, gen)
+            if part is None:
+                idx = perm[i * bs : (i + 1) * bs]
+            else:  # this rank's slice of the global batch
+                idx = distributed.shard_indices(perm, i, bs)
+            x = random_crop_flip(train.images[idx], augment.crop_padding, augment.flip, gen, part)
             x = train.normalise(x)
             if cuda and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = train.labels[idx]
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.bf16):
-                out = model(x)
+                out = net(x)
             ce = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
             extra, logs = hooks.extra_loss(model)
             loss = ce if extra is None else ce + extra
@@ -231,6 +275,15 @@ def fit(
                 extra_sums[k] = extra_sums.get(k, 0) + v.detach()
 
         steps = max(1, steps_per_epoch)
+        if n_ranks > 1:
+            # Sums over ranks: per-rank mean losses (divided by N below), correct counts.
+            keys = sorted(extra_sums)
+            sums = torch.stack([loss_sum, correct.float(), *(extra_sums[k] for k in keys)])
+            distributed.all_reduce_sum(sums)
+            loss_sum, correct = sums[0] / n_ranks, sums[1]
+            extra_sums = {k: sums[2 + j] / n_ranks for j, k in enumerate(keys)}
+            if not synced_bn:
+                distributed.average_buffers(model)  # one set of BN statistics on every rank
         row = {
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
@@ -242,7 +295,7 @@ def fit(
         row.update(hooks.on_epoch_end(epoch, model))
         row["epoch_seconds"] = time.perf_counter() - t0
         history.append(row)
-        if resume:
+        if resume and main:
             resume.save(
                 {
                     "epoch": epoch + 1,
@@ -253,11 +306,11 @@ def fit(
                     "history": history,
                 }
             )
-        if log:
+        if log and main:
             log(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_top1']:.4f}")
-        if bar.disable:
+        if bar.disable and main:
             print(
                 f"epoch {epoch + 1}/{cfg.epochs} lr {row['lr']:.4g} loss {row['train_loss']:.4f} "
                 f"train {row['train_acc']:.4f} val {row['val_top1']:.4f} "
@@ -265,6 +318,10 @@ def fit(
                 flush=True,
             )
     bar.close()
+    if n_ranks > 1:
+        distributed.unsync_batchnorm(synced_bn)
+        del net
+        distributed.barrier()  # leave together: no rank exits while another still trains
     if cuda and cfg.channels_last:
         model.to(memory_format=torch.contiguous_format)
     return FitResult(history=history, resumed_from_epoch=start_epoch)

@@ -7,12 +7,16 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from chipprune import distributed, tracking
 from chipprune.checkpoint import CheckpointError
-from chipprune.config import ConfigError
+from chipprune.config import ConfigError, DistributedConfig
 from chipprune.data import DataFileError
 from chipprune.masks import MaskError
 from chipprune.tracking import TrackingUnreachable
@@ -44,9 +48,40 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
     try:
         main(argv)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        who = f" (rank {distributed.rank()})" if not distributed.is_main() else ""
+        print(f"error{who}: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.teardown()
     return 0
+
+
+def start_ranks(
+    module: str, argv: list[str] | None, cfg: DistributedConfig, device: torch.device
+) -> torch.device:
+    """Multi-process training: when `cfg.nproc` > 1 and this is not yet one rank of a group,
+    re-run the stage as that many ranks and exit with their status; in a rank (started so,
+    or by torchrun by hand) join the group. Returns this rank's device."""
+    distributed.relaunch(module, sys.argv[1:] if argv is None else list(argv), cfg.nproc, device)
+    return distributed.setup(device)
+
+
+@contextmanager
+def main_rank_run(
+    stage: str,
+    config: Mapping[str, Any],
+    run_id_path: str | Path,
+    inputs: Mapping[str, str | Path] = (),
+) -> Iterator[Any]:
+    """`tracking.stage_run` on rank 0; nothing (None) on the other ranks, which write nothing.
+    The run is tagged with the number of processes that trained (torchrun by hand may differ
+    from `distributed.nproc`)."""
+    if distributed.is_main():
+        tags = {"chipprune.world_size": str(distributed.world())}
+        with tracking.stage_run(stage, config, run_id_path, inputs=inputs, tags=tags) as run:
+            yield run
+    else:
+        yield None
 
 
 @contextmanager

@@ -8,14 +8,14 @@ from typing import Any
 
 from torch import nn
 
-from chipprune import tracking
+from chipprune import distributed, tracking
 from chipprune.atomic import write_text
 from chipprune.checkpoint import make_checkpoint, save_checkpoint
 from chipprune.config import AugmentConfig, TrainConfig
 from chipprune.data import load_prepared
 from chipprune.resume import ResumeStore, fingerprint
 from chipprune.train import DeviceData, fit
-from stages._common import RESUME_DIR
+from stages._common import RESUME_DIR, main_rank_run
 from stages.train_dense import history_csv
 
 
@@ -31,9 +31,10 @@ def train_pruned(
     inputs: dict[str, str | Path],
     out: Path,
     masks_info: dict[str, Any],
-) -> float:
+) -> float | None:
     """Train `model` (already on its device) on the prepared train/val splits; returns the
-    final val top-1. `inputs` are hashed into the resume fingerprint and the MLflow tags."""
+    final val top-1. `inputs` are hashed into the resume fingerprint and the MLflow tags.
+    In a process group every rank trains; rank 0 alone writes (the others return None)."""
     device = next(model.parameters()).device
     data = load_prepared(Path(data_dir), splits=("train", "val"))
     meta = data.meta
@@ -41,11 +42,13 @@ def train_pruned(
     val = DeviceData.from_split(data.splits["val"], meta, device)
     digest = [tracking.file_sha256(p) for p in inputs.values()]
     resume = ResumeStore(RESUME_DIR / f"{name}.pt", fingerprint(config, meta, digest))
-    with tracking.stage_run(name, config, out / "mlflow_run.json", inputs=inputs):
-        import mlflow
-
+    with main_rank_run(name, config, out / "mlflow_run.json", inputs=inputs):
         result = fit(model, train, val, cfg, augment, resume=resume,
                      log=lambda row: tracking.log_history([row]))
+        if not distributed.is_main():
+            return None
+        import mlflow
+
         tracking.log_history(result.history[: result.resumed_from_epoch])
         final = {k: v for k, v in result.history[-1].items() if k.startswith("val_")}
         ckpt = make_checkpoint(model, model_name, model_kwargs, config=config, data_meta=meta,

@@ -22,7 +22,7 @@ from chipprune.config import ConfigError, load_params
 from chipprune.masks import load_masks, validate_masks
 from chipprune.surgery import prune_model
 from chipprune.train import resolve_device, seed_everything
-from stages._common import run_main
+from stages._common import run_main, start_ranks
 from stages._pruned_training import train_pruned
 
 
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     if masks.dataset not in params.datasets:
         raise ConfigError(f"datasets.{masks.dataset}: not defined in {args.params}")
     augment = params.datasets[masks.dataset].augment
+    device = start_ranks("stages.finetune", argv, cfg.distributed, resolve_device(cfg.device))
     source_path = method_dir / masks.extra["weights"] if "weights" in masks.extra else Path(args.dense_ckpt)
     source = load_checkpoint(source_path)
     dense_model = model_from_checkpoint(source, source_path)
@@ -51,7 +52,6 @@ def main(argv: list[str] | None = None) -> None:
     model, kwargs = prune_model(dense_model, source["model_name"], source["model_kwargs"],
                                 {g: list(v) for g, v in masks.kept.items()})
 
-    device = resolve_device(cfg.device)
     seed_everything(cfg.seed, device)
     model.to(device)
 
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         inputs={"masks": masks_path, "source_checkpoint": source_path}, out=Path(args.out_dir),
         masks_info={"method": masks.method, "budget": masks.budget},
     )
-    print(f"{name}: val top1 {top1:.4f}", flush=True)
+    if top1 is not None:  # rank 0
+        print(f"{name}: val top1 {top1:.4f}", flush=True)
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

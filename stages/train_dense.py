@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from chipprune import tracking
+from chipprune import distributed, tracking
 from chipprune.atomic import write_text
 from chipprune.checkpoint import make_checkpoint, save_checkpoint
 from chipprune.config import ConfigError, load_params
@@ -20,7 +20,7 @@ from chipprune.data import load_prepared
 from chipprune.models import create_model
 from chipprune.resume import ResumeStore, fingerprint
 from chipprune.train import DeviceData, fit, resolve_device, seed_everything
-from stages._common import RESUME_DIR, run_main
+from stages._common import RESUME_DIR, main_rank_run, run_main, start_ranks
 
 
 def history_csv(history: list[dict[str, float]]) -> str:
@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> None:
         if key not in getattr(params, section):
             raise ConfigError(f"{section}.{key}: not defined in {args.params}")
     ds_cfg, m_cfg, cfg = params.datasets[args.dataset], params.models[args.model], params.train_dense
+    device = start_ranks("stages.train_dense", argv, cfg.distributed, resolve_device(cfg.device))
     data = load_prepared(Path(args.data_dir))
     meta = data.meta
 
-    device = resolve_device(cfg.device)
     seed_everything(cfg.seed, device)
     kwargs = {**m_cfg.kwargs, "num_classes": meta["num_classes"], "in_channels": meta["image_shape"][0]}
     model = create_model(m_cfg.arch, **kwargs).to(device)
@@ -63,11 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out_dir)
     resume = ResumeStore(RESUME_DIR / f"{name}.pt", fingerprint(config, meta, kwargs))
     meta_file = Path(args.data_dir) / "meta.json"
-    with tracking.stage_run(name, config, out / "mlflow_run.json", inputs={"data_meta": meta_file}):
-        import mlflow
-
+    with main_rank_run(name, config, out / "mlflow_run.json", inputs={"data_meta": meta_file}):
         result = fit(model, train, val, cfg, ds_cfg.augment, resume=resume,
                      log=lambda row: tracking.log_history([row]))
+        if not distributed.is_main():
+            return  # rank 0 writes every output
+        import mlflow
+
         tracking.log_history(result.history[: result.resumed_from_epoch])
         final = {k: v for k, v in result.history[-1].items() if k.startswith("val_")}
         ckpt = make_checkpoint(

@@ -21,7 +21,7 @@ from chipprune.masks import load_masks, validate_masks
 from chipprune.models import create_model
 from chipprune.surgery import prune_model
 from chipprune.train import resolve_device, seed_everything
-from stages._common import run_main
+from stages._common import run_main, start_ranks
 from stages._pruned_training import train_pruned
 
 
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.pair not in params.transfer.pairs:
         raise ConfigError(f"transfer.pairs.{args.pair}: not defined in {args.params}")
     pair, cfg = params.transfer.pairs[args.pair], params.transfer.recipe
+    device = start_ranks("stages.transfer_masks", argv, cfg.distributed, resolve_device(cfg.device))
     masks_path = Path(args.teacher_dir) / "masks.json"
     masks = load_masks(masks_path)
     student = load_checkpoint(args.student_ckpt)
@@ -43,7 +44,6 @@ def main(argv: list[str] | None = None) -> None:
     validate_masks(masks, model_from_checkpoint(student, args.student_ckpt).describe(),
                    model=student["model_name"])
 
-    device = resolve_device(cfg.device)
     seed_everything(cfg.seed, device)
     if pair.protocol == "dense":
         source = model_from_checkpoint(student, args.student_ckpt)
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         masks_info={"method": masks.method, "budget": masks.budget, "teacher": masks.dataset,
                     "protocol": pair.protocol},
     )
-    print(f"{name}: val top1 {top1:.4f}", flush=True)
+    if top1 is not None:  # rank 0
+        print(f"{name}: val top1 {top1:.4f}", flush=True)
 
 if __name__ == "__main__":
     sys.exit(run_main(main))
