@@ -34,6 +34,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+SHORT = {"nchw": "nchw", "channels_last": "cl"}  # metric-key suffixes
+
+
 @torch.no_grad()
 def median_latency_ms(
     model: nn.Module,
@@ -42,13 +46,21 @@ def median_latency_ms(
     device: torch.device,
     warmup: int = 5,
     repeats: int = 20,
+    memory_format: str = "nchw",
+    dtype: torch.dtype = torch.float32,
 ) -> float:
-    """Median wall time in ms of one forward pass of a (batch_size, *input_shape) batch."""
+    """Median wall time in ms of one forward pass of a (batch_size, *input_shape) batch.
+
+    `memory_format` ("nchw" or "channels_last") is applied to the model (in place) and the
+    input; `dtype` is the input's (the model must already be in it)."""
     if device.type == "cpu":
         keep_large_allocations()
+    fmt = MEMORY_FORMATS[memory_format]
     was_training = model.training
     model.eval()
-    x = torch.randn(batch_size, *input_shape, device=device)
+    model.to(memory_format=fmt)
+    x = torch.randn(batch_size, *input_shape, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=fmt)
     for _ in range(warmup):
         model(x)
     times = []
@@ -60,3 +72,52 @@ def median_latency_ms(
         times.append((time.perf_counter() - t0) * 1e3)
     model.train(was_training)
     return statistics.median(times)
+
+
+def latency_by_format(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    batch_size: int,
+    device: torch.device,
+    warmup: int = 5,
+    repeats: int = 20,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, float]:
+    """Median latency (ms) in both memory formats: {"nchw": ..., "channels_last": ...}.
+    The model is left in NCHW."""
+    out = {
+        fmt: median_latency_ms(model, input_shape, batch_size, device, warmup, repeats, fmt, dtype)
+        for fmt in MEMORY_FORMATS
+    }
+    model.to(memory_format=torch.contiguous_format)
+    return out
+
+
+def latency_metrics(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    batch_sizes: list[int],
+    device: torch.device,
+    warmup: int = 5,
+    repeats: int = 20,
+    reference: nn.Module | None = None,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Evaluate's latency figures per batch size N: `latency_ms_bs<N>_nchw`, `_cl` and
+    `latency_ms_bs<N>` (the faster of the two), and with a `reference` (the dense model,
+    measured in the same process) `speedup_bs<N>` = its best time / this model's best time
+    and `dense_latency_ms_bs<N>`. Also returns the faster format per batch size."""
+    metrics: dict[str, float] = {}
+    best: dict[str, str] = {}
+    for bs in batch_sizes:
+        ms = latency_by_format(model, input_shape, bs, device, warmup, repeats)
+        fmt = min(ms, key=ms.get)
+        metrics |= {f"latency_ms_bs{bs}_{SHORT[f]}": v for f, v in ms.items()}
+        metrics[f"latency_ms_bs{bs}"] = ms[fmt]
+        best[f"latency_format_bs{bs}"] = fmt
+        if reference is not None:
+            ref = min(
+                latency_by_format(reference, input_shape, bs, device, warmup, repeats).values()
+            )
+            metrics[f"dense_latency_ms_bs{bs}"] = ref
+            metrics[f"speedup_bs{bs}"] = ref / ms[fmt]
+    return metrics, best

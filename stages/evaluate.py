@@ -1,5 +1,7 @@
 """DVC stage `evaluate`: any checkpoint (dense or pruned) on the test split: top-1/top-5,
-params, MACs and measured latency -> metrics JSON (DVC metrics) and MLflow.
+params, MACs and measured latency (NCHW and channels_last, the faster as `latency_ms_bs<N>`,
+and `speedup_bs<N>` against the dense architecture timed in the same process) -> metrics JSON
+(DVC metrics) and MLflow.
 
     python -m stages.evaluate <checkpoint> <data_dir> <out_dir>
 """
@@ -16,8 +18,9 @@ from chipprune.checkpoint import load_checkpoint, model_from_checkpoint
 from chipprune.config import load_params
 from chipprune.counting import measure_cost
 from chipprune.data import load_prepared
-from chipprune.latency import median_latency_ms
+from chipprune.latency import latency_metrics
 from chipprune.models import create_model
+from chipprune.records import run_tags
 from chipprune.train import DeviceData, evaluate, resolve_device
 from stages._common import run_main
 
@@ -51,13 +54,16 @@ def main(argv: list[str] | None = None) -> None:
         acc = evaluate(model, test, cfg.batch_size)
         cost = measure_cost(model, shape)
         dense_kwargs = {k: v for k, v in ckpt["model_kwargs"].items() if k not in ("widths", "kept")}
-        dense_cost = measure_cost(create_model(ckpt["model_name"], **dense_kwargs), shape)
-        latency = {
-            f"latency_ms_bs{bs}": median_latency_ms(
-                model, shape, bs, device, cfg.latency.warmup, cfg.latency.repeats
-            )
-            for bs in cfg.latency.batch_sizes
-        }
+        dense_model = create_model(ckpt["model_name"], **dense_kwargs)
+        dense_cost = measure_cost(dense_model, shape)
+        # both memory formats; latency_ms_bs<N> is the faster, speedup_bs<N> against the
+        # dense architecture timed here too (a dense checkpoint is its own reference: 1.0)
+        pruned = bool(set(ckpt["model_kwargs"]) & {"widths", "kept"})
+        reference = dense_model.to(device) if pruned and cfg.latency.dense_reference else None
+        latency, formats = latency_metrics(model, shape, cfg.latency.batch_sizes, device,
+                                           cfg.latency.warmup, cfg.latency.repeats, reference)
+        if not pruned:
+            latency |= {f"speedup_bs{bs}": 1.0 for bs in cfg.latency.batch_sizes}
         metrics = {
             "test_top1": acc["top1"],
             "test_top5": acc["top5"],
@@ -80,8 +86,10 @@ def main(argv: list[str] | None = None) -> None:
             "protocol": ckpt.get("masks", {}).get("protocol"),
             "dataset": data.meta.get("name"),
             "device": str(device),
+            **formats,  # latency_format_bs<N>: the faster memory format
             "test_size": len(test),
         }
+        mlflow.set_tags(run_tags(report))  # `python -m pipelines.compare` reads these
         write_json(out / "metrics.json", report)
         mlflow.log_artifact(str(out / "metrics.json"))
     print(f"{name}: top1 {acc['top1']:.4f} params {cost.params:,} MACs {cost.macs:,}", flush=True)

@@ -33,6 +33,7 @@ STAGES = [
     "prepare@digits",
     "train_dense@digits-resnet20",
     "evaluate_dense@digits-resnet20",
+    "profile_latency@digits-resnet20",
     "learn_masks@flops-0.5-digits-resnet20",
     "finetune@chipnet-flops-0.5-digits-resnet20",
     "evaluate@chipnet-flops-0.5-digits-resnet20",
@@ -76,6 +77,7 @@ def repo(tmp_path_factory, prefect_harness):
     params["learn_masks"]["epochs"] = 2
     params["finetune"]["chipnet"]["epochs"] = 1
     params["evaluate"]["latency"] = {"batch_sizes": [1, 8], "warmup": 1, "repeats": 2}
+    params["latency_budget"].update(batch_size=8, step=16, warmup=1, repeats=1, rounds=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")

@@ -1,0 +1,633 @@
+"""Latency budgets: a per-layer lookup table of measured time, and the model's latency
+predicted from it as a function of the group widths.
+
+For every conv of the model's description (`ModelSpec.convs` and `.fixed`) the table holds
+the time of that layer as the model runs it, measured alone on the target device at the
+target batch size, on a grid of (in-width, out-width) pairs:
+
+- a prunable conv is timed as conv + BN + ReLU (eval mode); the ReLU stands in for ReLU6
+  or no activation (a linear bottleneck's last conv) too;
+- the conv whose output a residual block adds to its shortcut (the last conv of a removable
+  branch, writing the stream) as conv + BN + add + ReLU, the add out of place as the blocks
+  run it;
+- a `FixedConv` (no BN of its own) as the conv alone (+ the add when it ends a branch);
+- a depthwise conv (in-width = out-width) has a one-dimensional grid.
+
+Not per layer: the stem's input, pooling, the classifier, option-A shortcuts, pre-activation
+BNs, a removed branch's relu(shortcut) and the Python between modules.
+
+The grid of a width is 1, every multiple of `step` below the dense width, and the dense
+width; groups of a removable residual branch also have 0, at which the layer costs 0 (the
+branch is gone). Timings are made monotone (a running max along both axes), so adding a
+channel never makes the prediction faster and the budget thresholding stays a search on a
+monotone function.
+
+    predicted(w) = rest + sum_l alive_l(w) * T_l(w_in(l), w_out(l))
+
+T_l is the bilinear interpolation of layer l's table (linear extrapolation outside the
+grid, so soft widths below 1 keep a gradient); alive_l is the orphan-removal factor of the
+polynomial budgets (`budgets.Term.when`: 1 or 0 for integer widths, prod min(w, 1) for soft
+ones). `rest` = the whole dense model's measured time minus the sum of its layers' entries:
+what is not per layer, taken as constant. A second whole model, every width about halved,
+is timed too and the table's prediction for it recorded (`meta["check"]`): the table's own
+held-out error. The hard form (integer widths on the grid: `step` = `prune.round_to`) is an
+exact sum of table entries; the soft form is the same function of float tensors and equals
+it at grid widths; off the grid both interpolate.
+
+Timing is injected (`profile_model(..., timer=..., model_timer=...)`), so the math is
+tested with synthetic timings; `TorchTimer` is the real one.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from chipprune.config import ConfigError
+from chipprune.models import PrunableNet
+
+FORMAT = "chipprune.latency_table/1"
+
+
+class LatencyTableError(ConfigError):
+    """A latency table that is missing, malformed or made for another model or input size.
+
+    A ConfigError, so every stage reports it as one line with exit code 2."""
+
+
+@dataclass(frozen=True)
+class ConvOp:
+    """What one timing runs, apart from the widths: layers with equal ops share timings."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    bias: bool
+    in_hw: tuple[int, int]  # input height and width
+    depthwise: bool = False  # groups = channels; the in-width is the out-width
+    bn_relu: bool = True  # conv + BN + ReLU (a prunable conv) or the conv alone (FixedConv)
+    residual: bool = False  # + the residual add before the ReLU (a branch's last conv)
+
+    def module(self, n_in: int, n_out: int) -> nn.Module:
+        """The layer at these widths, eval mode (for a depthwise op n_in is ignored)."""
+        if self.depthwise:
+            n_in = n_out
+        conv = nn.Conv2d(
+            n_in,
+            n_out,
+            self.kernel,
+            self.stride,
+            self.padding,
+            self.dilation,
+            groups=n_out if self.depthwise else 1,
+            bias=self.bias,
+        )
+        return _TimedLayer(
+            conv, nn.BatchNorm2d(n_out) if self.bn_relu else None, self.bn_relu, self.residual
+        ).eval()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ConvOp:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """One conv's measured times on its (in-width, out-width) grid, in ms."""
+
+    conv: str
+    group: str | None  # output group; None: the output width is fixed (FixedConv)
+    in_group: str | None  # None: a fixed input width (the image, a fixed stream, depthwise)
+    in_widths: tuple[int, ...]  # ascending; one value when the input width is fixed
+    out_widths: tuple[int, ...]
+    ms: tuple[tuple[float, ...], ...]  # (len(in_widths), len(out_widths)), monotone
+    op: ConvOp
+    when: tuple[str, ...] = ()  # groups of the removable branch this conv belongs to
+
+    def at(self, n_in: int, n_out: int) -> float:
+        """The entry at a grid point."""
+        return self.ms[self.in_widths.index(n_in)][self.out_widths.index(n_out)]
+
+
+class _TimedLayer(nn.Module):
+    """conv [-> BN] [-> + residual] [-> ReLU], as a residual block runs its last conv:
+    relu(bn(conv(x)) + shortcut) with an out-of-place add and an in-place ReLU."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.Module | None, relu: bool, residual: bool):
+        super().__init__()
+        self.conv, self.bn, self.relu, self.residual = conv, bn, relu, residual
+        self._shortcut: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.bn is not None:
+            y = self.bn(y)
+        if self.residual:
+            if self._shortcut is None or self._shortcut.shape != y.shape:
+                self._shortcut = torch.randn_like(y)  # same memory format as y
+            y = y + self._shortcut
+        return torch.relu_(y) if self.relu else y
+
+
+Timer = Callable[[ConvOp, int, int, int], float]  # (op, n_in, n_out, batch) -> ms
+
+
+def width_grid(dense: int, step: int, may_vanish: bool = False) -> tuple[int, ...]:
+    """0 (removable-branch groups only), 1, the multiples of `step` below `dense`, `dense`."""
+    if step < 1 or dense < 1:
+        raise ValueError(f"width_grid needs step >= 1 and dense >= 1, got {step}, {dense}")
+    points = {1, dense, *range(step, dense, step)} | ({0} if may_vanish else set())
+    return tuple(sorted(points))
+
+
+def monotone(ms: torch.Tensor) -> torch.Tensor:
+    """Running max along both axes: non-decreasing in each width."""
+    return ms.cummax(dim=0).values.cummax(dim=1).values
+
+
+def _conv_inputs(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, tuple[int, int]]:
+    """Conv name -> (H, W) of its input, from one forward of a zero image."""
+    from chipprune.counting import forward_zero_image
+
+    seen: dict[str, tuple[int, int]] = {}
+    handles = [
+        m.register_forward_hook(
+            lambda _m, inp, _out, name=name: seen.__setitem__(name, tuple(inp[0].shape[-2:]))
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    try:
+        forward_zero_image(model, input_size)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _layer_plan(model: PrunableNet, input_size: tuple[int, int, int]):
+    """Per described conv: (name, group, in_group, dense in, dense out, op, when)."""
+    spec = model.describe()
+    in_hw = _conv_inputs(model, input_size)
+    when = {c: br.groups for br in spec.branches for c in (*br.convs, *br.also)}
+    # the conv whose output a block adds to its shortcut: the last of its branch, writing
+    # the stream (a group outside the branch's own) -- or a FixedConv the branch ends with
+    ends = set()
+    for br in spec.branches:
+        fixed_end = [n for n in br.also if n in {f.conv for f in spec.fixed}]
+        last = fixed_end[-1] if fixed_end else br.convs[-1]
+        if fixed_end or spec.conv(last).group not in br.groups:
+            ends.add(last)
+    plan = []
+    for c in (*spec.convs, *spec.fixed):
+        m = model.get_submodule(c.conv)
+        prunable = hasattr(c, "bn")
+        group = c.group if prunable else None
+        depthwise = (
+            prunable and c.group == c.in_group and m.groups == m.in_channels == m.out_channels
+        )
+        if m.groups != 1 and not depthwise:
+            raise ValueError(f"{c.conv}: grouped convs other than depthwise have no latency table")
+        op = ConvOp(
+            tuple(m.kernel_size),
+            tuple(m.stride),
+            tuple(m.padding),
+            tuple(m.dilation),
+            m.bias is not None,
+            in_hw[c.conv],
+            depthwise,
+            prunable,
+            c.conv in ends,
+        )
+        in_group = None if depthwise else c.in_group
+        plan.append(
+            (c.conv, group, in_group, m.in_channels, m.out_channels, op, when.get(c.conv, ()))
+        )
+    return spec, plan
+
+
+def check_widths(dense: Mapping[str, int], step: int) -> dict[str, int]:
+    """The second model `profile_model` times whole: every group at the grid point nearest
+    half its dense width (ties: the wider), about a quarter of the dense MACs."""
+    out = {}
+    for g, d in dense.items():
+        grid = [w for w in width_grid(d, step) if w > 0]
+        out[g] = min(grid, key=lambda w: (abs(2 * w - d), -w))
+    return out
+
+
+def profile_model(
+    model: PrunableNet,
+    input_size: tuple[int, int, int],
+    batch_size: int,
+    *,
+    step: int,
+    timer: Timer,
+    model_timer: Callable[[Mapping[str, int]], float],
+    rounds: int = 1,
+    meta: Mapping[str, Any] | None = None,
+) -> LatencyTable:
+    """The table of a dense `model`: `timer(op, n_in, n_out, batch_size)` at every grid
+    point (equal ops and widths share one), and `model_timer(widths)`, the whole model built
+    at those group widths: the dense model (its time fixes `rest`) and the `check_widths`
+    model, whose predicted and measured times go to `meta["check"]`.
+
+    (A two-point fit of rest and a scale on the layers' sum was tried and dropped: at batch
+    1 on CPU the halved model costs about what the dense one does -- per-module overhead --
+    and the fitted scale came out near 0.)
+
+    Each point and both models are timed once per round, in the same order every round,
+    and the fastest round is kept (each round's figure is itself a median of repeats): load
+    from other processes only ever adds time, so on a shared machine the least disturbed
+    round is the best estimate, and a burst of load spoils one round of every point instead
+    of every repeat of a few points."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    spec, plan = _layer_plan(model, input_size)
+    vanishing = {g for br in spec.branches for g in br.groups}
+    grids = []
+    points: dict[tuple, list[float]] = {}  # (op, n_in, n_out) -> one time per round
+    for name, group, in_group, d_in, d_out, op, when in plan:
+        in_w = width_grid(d_in, step, in_group in vanishing) if in_group else (d_in,)
+        out_w = width_grid(d_out, step, group in vanishing) if group else (d_out,)
+        if op.depthwise:
+            in_w = (d_out,)
+        grids.append((name, group, in_group, in_w, out_w, op, when))
+        # width 0: the branch is gone and the layer costs nothing
+        points |= {
+            (op, a, b): [] for a in in_w for b in out_w if a and b and (op, a, b) not in points
+        }
+    dense_w = spec.widths()
+    half_w = check_widths(dense_w, step)
+    whole: dict[str, list[float]] = {"dense": [], "half": []}
+    for _ in range(rounds):
+        whole["dense"].append(float(model_timer(dense_w)))
+        for (op, a, b), times in points.items():
+            times.append(float(timer(op, a, b, batch_size)))
+        whole["half"].append(float(model_timer(half_w)))
+    best = {k: min(v) for k, v in points.items()}
+    layers = []
+    for name, group, in_group, in_w, out_w, op, when in grids:
+        ms = torch.tensor(
+            [[best[(op, a, b)] if a and b else 0.0 for b in out_w] for a in in_w],
+            dtype=torch.float64,
+        )
+        layers.append(
+            LayerTable(
+                name,
+                group,
+                in_group,
+                in_w,
+                out_w,
+                tuple(tuple(r) for r in monotone(ms).tolist()),
+                op,
+                when,
+            )
+        )
+    model_ms, half_ms = min(whole["dense"]), min(whole["half"])
+    table = LatencyTable(
+        layers=tuple(layers),
+        model_ms=model_ms,
+        rest_ms=model_ms - sum(lt.ms[-1][-1] for lt in layers),
+        meta={
+            "input_shape": list(input_size),
+            "batch_size": batch_size,
+            "step": step,
+            "rounds": rounds,
+            "timings": len(points),
+            **(meta or {}),
+        },
+    )
+    groups = list(dense_w)
+    predicted = float(table.predict_ms(torch.tensor([half_w[g] for g in groups]), groups))
+    table.meta["check"] = {
+        "widths": half_w,
+        "measured_ms": half_ms,
+        "predicted_ms": predicted,
+        "error": predicted / half_ms - 1.0,
+    }
+    return table
+
+
+@dataclass
+class LatencyTable:
+    """Per-layer tables plus the constant rest; `predict_ms` is the latency model."""
+
+    layers: tuple[LayerTable, ...]
+    model_ms: float  # measured, whole dense model
+    rest_ms: float  # model_ms - sum of the layers' dense entries
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="latency table", compare=False)  # the file, for messages
+    _compiled: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # -- the latency model -------------------------------------------------------------
+    def _compile(self, groups: Sequence[str], device, dtype) -> tuple[torch.Tensor, ...]:
+        """Every layer's grid padded to one size: (L, I) and (L, O) grids, (L, I, O) times,
+        index tensors into a width vector whose slot len(groups) holds the constant 1."""
+        key = (tuple(groups), str(device), dtype)
+        if key in self._compiled:
+            return self._compiled[key]
+        slot = {g: i for i, g in enumerate(groups)}
+        one = len(groups)
+        missing = sorted(
+            {
+                g
+                for lt in self.layers
+                for g in (lt.group, lt.in_group, *lt.when)
+                if g is not None and g not in slot
+            }
+        )
+        if missing:
+            raise LatencyTableError(f"latency table: groups {missing} are not in the model")
+
+        def axis(widths: tuple[int, ...]) -> list[float]:
+            # a fixed width becomes a two-point axis (w, w + 1) with equal times
+            return [float(w) for w in widths] if len(widths) > 1 else [widths[0], widths[0] + 1.0]
+
+        n_i = max(max(len(lt.in_widths), 2) for lt in self.layers)
+        n_o = max(max(len(lt.out_widths), 2) for lt in self.layers)
+        L = len(self.layers)
+        gi = torch.full((L, n_i), float("inf"), dtype=torch.float64)
+        go = torch.full((L, n_o), float("inf"), dtype=torch.float64)
+        tab = torch.zeros(L, n_i, n_o, dtype=torch.float64)
+        last_i, last_o = torch.zeros(L, dtype=torch.long), torch.zeros(L, dtype=torch.long)
+        k = max([len(lt.when) for lt in self.layers] + [1])
+        when = torch.full((L, k), one, dtype=torch.long)
+        in_slot, out_slot = torch.full((L,), one), torch.full((L,), one)
+        in_scale, out_scale = torch.ones(L, dtype=torch.float64), torch.ones(L, dtype=torch.float64)
+        for row, lt in enumerate(self.layers):
+            ai, ao = axis(lt.in_widths), axis(lt.out_widths)
+            gi[row, : len(ai)], go[row, : len(ao)] = torch.tensor(ai), torch.tensor(ao)
+            t = torch.tensor(lt.ms, dtype=torch.float64)
+            t = t.expand(len(ai), len(ao)) if t.shape != (len(ai), len(ao)) else t
+            tab[row, : len(ai), : len(ao)] = t
+            last_i[row], last_o[row] = len(ai) - 2, len(ao) - 2  # the last cell's index
+            if lt.in_group is None:
+                in_scale[row] = lt.in_widths[0]
+            else:
+                in_slot[row] = slot[lt.in_group]
+            if lt.group is None:
+                out_scale[row] = lt.out_widths[0]
+            else:
+                out_slot[row] = slot[lt.group]
+            when[row, : len(lt.when)] = torch.tensor([slot[g] for g in lt.when], dtype=torch.long)
+        out = tuple(
+            t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            for t in (gi, go, tab, last_i, last_o, in_slot, out_slot, in_scale, out_scale, when)
+        )
+        self._compiled[key] = out
+        return out
+
+    def predict_ms(self, widths: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:
+        """Predicted latency (ms) at `widths`, a (G,) tensor in `groups` order: float64 for
+        integer widths (the hard form), differentiable in the dtype of float widths (the
+        soft form)."""
+        w = widths if widths.is_floating_point() else widths.to(torch.float64)
+        gi, go, tab, last_i, last_o, in_slot, out_slot, in_scale, out_scale, when = self._compile(
+            groups, w.device, w.dtype
+        )
+        ext = torch.cat([w, w.new_ones(1)])  # (G + 1,)
+        x, y = ext[in_slot] * in_scale, ext[out_slot] * out_scale  # (L,) each
+        values = _bilinear(gi, go, tab, last_i, last_o, x, y)
+        alive = ext.clamp(max=1.0)[when].prod(dim=1)
+        return self.rest_ms + (values * alive).sum()
+
+    # -- checks and files ----------------------------------------------------------------
+    def check_model(self, model: PrunableNet, input_size: tuple[int, int, int]) -> None:
+        """The table must describe this (dense) model at this input size."""
+        where = self.source
+        shape = list(self.meta.get("input_shape", []))
+        if shape != list(input_size):
+            raise LatencyTableError(
+                f"{where}: made for input shape {shape}, the model runs at "
+                f"{list(input_size)}; rebuild it (stage profile_latency)"
+            )
+        _, plan = _layer_plan(model, input_size)
+        have = {lt.conv: lt for lt in self.layers}
+        want = {p[0] for p in plan}
+        if set(have) != want:
+            odd = sorted(set(have) ^ want)[:3]
+            raise LatencyTableError(
+                f"{where}: its layers differ from the model's (e.g. {odd}); "
+                "made for another architecture?"
+            )
+        for name, group, in_group, d_in, d_out, op, _ in plan:
+            lt = have[name]
+            if (lt.group, lt.in_group, lt.op) != (group, in_group, op) or (
+                lt.out_widths[-1],
+                lt.in_widths[-1],
+            ) != (d_out, d_out if op.depthwise else d_in):
+                raise LatencyTableError(
+                    f"{where}: layer {name} does not match the model (model {d_in}->{d_out} "
+                    f"channels, table {lt.in_widths[-1]}->{lt.out_widths[-1]}; or its kernel, "
+                    "stride or input size differ)"
+                )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "meta": self.meta, "model_ms": self.model_ms,
+            "rest_ms": self.rest_ms,
+            "layers": [{**{k: v for k, v in asdict(lt).items() if k != "op"},
+                        "op": asdict(lt.op)} for lt in self.layers],
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "latency table") -> LatencyTable:
+        try:
+            if d.get("format") != FORMAT:
+                raise ValueError(f"not a {FORMAT} file")
+            layers = []
+            for x in d["layers"]:
+                in_w, out_w = (
+                    tuple(int(v) for v in x["in_widths"]),
+                    tuple(int(v) for v in x["out_widths"]),
+                )
+                ms = tuple(tuple(float(v) for v in row) for row in x["ms"])
+                if len(ms) != len(in_w) or any(len(r) != len(out_w) for r in ms):
+                    raise ValueError(f"layer {x['conv']}: times do not fit its grid")
+                if list(in_w) != sorted(set(in_w)) or list(out_w) != sorted(set(out_w)):
+                    raise ValueError(f"layer {x['conv']}: grid not ascending")
+                t = torch.tensor(ms, dtype=torch.float64)
+                if not bool(torch.isfinite(t).all()) or not torch.equal(monotone(t), t):
+                    raise ValueError(f"layer {x['conv']}: times not finite and monotone")
+                layers.append(
+                    LayerTable(
+                        str(x["conv"]),
+                        x["group"],
+                        x["in_group"],
+                        in_w,
+                        out_w,
+                        ms,
+                        ConvOp.from_dict(x["op"]),
+                        tuple(x.get("when", ())),
+                    )
+                )
+            if not layers:
+                raise ValueError("no layers")
+            return cls(
+                tuple(layers), float(d["model_ms"]), float(d["rest_ms"]), dict(d["meta"]), source
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise LatencyTableError(f"{source}: not a latency table ({e})") from None
+
+    def save(self, path: str | Path) -> None:
+        from chipprune.atomic import write_json
+
+        write_json(path, self.as_dict())
+
+
+def load_table(path: str | Path) -> LatencyTable:
+    path = Path(path)
+    if not path.is_file():
+        raise LatencyTableError(
+            f"{path}: no such latency table; the profile_latency stage makes it "
+            "(`dvc repro profile_latency` or `python -m stages.profile_latency ...`)"
+        )
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LatencyTableError(f"{path}: not a latency table ({e})") from None
+    return LatencyTable.from_dict(doc, str(path))
+
+
+TABLE_ROOT = Path("runs") / "latency"
+
+
+def table_path(
+    device: str, batch_size: int, dataset: str, model: str, root: str | Path = TABLE_ROOT
+) -> Path:
+    """Where the profile_latency stage writes a table: keyed by device and batch size."""
+    return Path(root) / f"{device}-bs{batch_size}-{dataset}-{model}" / "table.json"
+
+
+def table_for_budget(
+    kind: str, path: str | Path | None, cfg: Any, dataset: str, model: str
+) -> LatencyTable | None:
+    """What a stage passes to `BudgetModel.from_model(..., latency=)`: for budget type
+    latency, the table at `path` or else where profile_latency writes it for `cfg` (the
+    params' `latency_budget`); for every other type None (no table is read)."""
+    if kind != "latency":
+        return None
+    return load_table(path or table_path(cfg.device, cfg.batch_size, dataset, model))
+
+
+def latency_budget_doc(table: LatencyTable | None, achieved: float) -> dict[str, Any]:
+    """What a mask file's budget records beside type/target/achieved for a latency budget:
+    the table it was met on and the predicted time at the table's device and batch size."""
+    if table is None:
+        return {}
+    return {
+        "table": table.source,
+        "predicted_ms": achieved * table.model_ms,
+        "device": table.meta.get("device"),
+        "batch_size": table.meta.get("batch_size"),
+    }
+
+
+def _bilinear(gi, go, tab, last_i, last_o, x, y) -> torch.Tensor:
+    """Per layer l: the bilinear interpolation of tab[l] on the grid gi[l] x go[l] at
+    (x[l], y[l]); outside the grid, the edge cell's plane (linear extrapolation)."""
+    L = tab.shape[0]
+    rows = torch.arange(L, device=tab.device)
+    # cell: the last grid point <= the width, within [0, last]; exact at grid points
+    i = torch.searchsorted(gi, x.detach().unsqueeze(1), right=True).squeeze(1) - 1
+    j = torch.searchsorted(go, y.detach().unsqueeze(1), right=True).squeeze(1) - 1
+    i = torch.minimum(i.clamp(min=0), last_i)
+    j = torch.minimum(j.clamp(min=0), last_o)
+    x0, x1 = gi[rows, i], gi[rows, i + 1]
+    y0, y1 = go[rows, j], go[rows, j + 1]
+    tx, ty = (x - x0) / (x1 - x0), (y - y0) / (y1 - y0)
+    t00, t01 = tab[rows, i, j], tab[rows, i, j + 1]
+    t10, t11 = tab[rows, i + 1, j], tab[rows, i + 1, j + 1]
+    return (1 - tx) * ((1 - ty) * t00 + ty * t01) + tx * ((1 - ty) * t10 + ty * t11)
+
+
+class TorchTimer:
+    """The real timer: the op as a module on `device` in `dtype`, a random input in
+    `memory_format`, synchronised, the median of `repeats` forwards (chipprune.latency).
+    Modules are built once per point and warmed up (`warmup` forwards) on first use only,
+    so later rounds of `profile_model` time them directly."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        memory_format: str = "nchw",
+        warmup: int = 3,
+        repeats: int = 3,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.device, self.memory_format = device, memory_format
+        self.warmup, self.repeats, self.dtype = warmup, repeats, dtype
+        self._modules: dict[tuple, nn.Module] = {}
+
+    def __call__(self, op: ConvOp, n_in: int, n_out: int, batch_size: int) -> float:
+        from chipprune.latency import median_latency_ms
+
+        key = (op, n_in, n_out)
+        first = key not in self._modules
+        if first:
+            self._modules[key] = op.module(n_in, n_out).to(self.device, self.dtype)
+        shape = (n_out if op.depthwise else n_in, *op.in_hw)
+        return median_latency_ms(
+            self._modules[key],
+            shape,
+            batch_size,
+            self.device,
+            max(1, self.warmup) if first else 1,
+            self.repeats,
+            memory_format=self.memory_format,
+            dtype=self.dtype,
+        )
+
+    def model_timer(
+        self,
+        build: Callable[[Mapping[str, int]], nn.Module],
+        input_size: tuple[int, int, int],
+        batch_size: int,
+    ) -> Callable[[Mapping[str, int]], float]:
+        """A `profile_model` model timer: `build(widths)` (random weights are fine: time does
+        not depend on them) moved to the device once per widths, warmed up on first use."""
+        from chipprune.latency import median_latency_ms
+
+        built: dict[tuple, nn.Module] = {}
+
+        def run(widths: Mapping[str, int]) -> float:
+            key = tuple(sorted(widths.items()))
+            first = key not in built
+            if first:
+                built[key] = build(dict(widths)).to(self.device, self.dtype).eval()
+            return median_latency_ms(
+                built[key],
+                input_size,
+                batch_size,
+                self.device,
+                max(1, self.warmup) if first else 1,
+                self.repeats,
+                memory_format=self.memory_format,
+                dtype=self.dtype,
+            )
+
+        return run
+
+
+def device_meta(device: torch.device) -> dict[str, Any]:
+    """What the timings depend on, recorded in the table (for people, not checked)."""
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
+    return {
+        "device": device.type,
+        "device_name": name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,145 @@
+"""DVC stage `profile_latency`: the latency table of one architecture on the target device at
+the target batch size (params `latency_budget`), for the `latency` budget type -> table.json
+(per prunable conv, measured ms on a grid of in/out widths; chipprune.latency_table), MLflow.
+
+    python -m stages.profile_latency <dataset> <model> <data_dir> <out_dir>
+
+Only the architecture matters (the dataset gives the input shape and class count), so the
+table is built from params.yaml's `models.<model>`, not from a trained checkpoint, and is made
+once per model, device and batch size: runs/latency/<device>-bs<batch>-<dataset>-<model>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from chipprune import tracking
+from chipprune.config import ConfigError, load_params
+from chipprune.data import load_prepared
+from chipprune.latency import latency_by_format
+from chipprune.latency_table import TorchTimer, device_meta, profile_model
+from chipprune.models import create_model
+from stages._common import run_main
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="stages.profile_latency",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for a in ("dataset", "model", "data_dir", "out_dir"):
+        ap.add_argument(a)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+
+    params = load_params(args.params)
+    cfg = params.latency_budget
+    if args.dataset not in params.datasets:
+        raise ConfigError(f"datasets.{args.dataset}: not defined in {args.params}")
+    if args.model not in params.models:
+        raise ConfigError(
+            f"models.{args.model}: not defined in {args.params}; defined: {sorted(params.models)}"
+        )
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{args.params}: latency_budget.device: 'cuda' is not available here "
+            "(the table must be measured on the target device)"
+        )
+    meta = load_prepared(Path(args.data_dir), splits=()).meta
+    shape = tuple(meta["image_shape"])
+    m_cfg = params.models[args.model]
+
+    def build(widths=None):  # the architecture at these group widths (random weights)
+        return create_model(
+            m_cfg.arch,
+            **m_cfg.kwargs,
+            num_classes=meta["num_classes"],
+            in_channels=shape[0],
+            **({"widths": widths} if widths else {}),
+        )
+
+    model = build().eval()
+    device = torch.device(cfg.device)
+
+    name = f"profile_latency@{args.dataset}-{args.model}"
+    out = Path(args.out_dir)
+    config = {
+        "latency_budget": cfg.model_dump(),
+        "dataset": args.dataset,
+        "model": args.model,
+        "arch": m_cfg.arch,
+        "kwargs": m_cfg.kwargs,
+    }
+    with tracking.stage_run(name, config, out / "mlflow_run.json"):
+        import mlflow
+
+        t0 = time.perf_counter()
+        fmt, by_format = cfg.memory_format, {}
+        if fmt == "auto":  # the format the dense model runs faster in, best of the rounds
+            probe = model.to(device)
+            rounds = [
+                latency_by_format(probe, shape, cfg.batch_size, device, cfg.warmup, cfg.repeats)
+                for _ in range(cfg.rounds)
+            ]
+            by_format = {f: min(r[f] for r in rounds) for f in rounds[0]}
+            fmt = min(by_format, key=by_format.get)
+        timer = TorchTimer(device, fmt, cfg.warmup, cfg.repeats)
+        table = profile_model(
+            model,
+            shape,
+            cfg.batch_size,
+            step=cfg.step,
+            timer=timer,
+            model_timer=timer.model_timer(build, shape, cfg.batch_size),
+            rounds=cfg.rounds,
+            meta={
+                "model": args.model,
+                "arch": m_cfg.arch,
+                "kwargs": m_cfg.kwargs,
+                "dataset": args.dataset,
+                "memory_format": fmt,
+                "dense_ms_by_format": by_format,
+                "warmup": cfg.warmup,
+                "repeats": cfg.repeats,
+                **device_meta(device),
+            },
+        )
+        seconds = time.perf_counter() - t0
+        table.save(out / "table.json")
+        check = table.meta["check"]  # a second whole model, widths halved: held-out error
+        mlflow.log_metrics(
+            {
+                "dense_ms": table.model_ms,
+                "rest_ms": table.rest_ms,
+                "check_error": check["error"],
+                "timings": table.meta["timings"],
+                "profile_seconds": seconds,
+            }
+        )
+        mlflow.log_artifact(str(out / "table.json"))
+    if abs(check["error"]) > 0.25 or table.rest_ms < -0.25 * table.model_ms:
+        print(
+            f"warning: {name}: the table misses its own check by {check['error']:+.0%} (rest "
+            f"{table.rest_ms:.3f} ms of {table.model_ms:.3f}); timings this noisy make a poor "
+            "budget: profile on an idle machine, or raise latency_budget.rounds / repeats",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        f"{name}: {len(table.layers)} layers, {table.meta['timings']} timings x {cfg.rounds} "
+        f"rounds in {seconds:.1f}s on {device} ({fmt}, batch {cfg.batch_size}); dense "
+        f"{table.model_ms:.3f} ms, rest {table.rest_ms:.3f} ms; half-width model predicted "
+        f"{check['predicted_ms']:.3f} ms, measured {check['measured_ms']:.3f} ms "
+        f"({check['error']:+.1%})",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
