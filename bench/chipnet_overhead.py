@@ -5,7 +5,8 @@ and device, in one process. Prints seconds per epoch and the ratio (goal <= 1.3)
 
 The ChipNet epoch carries everything the stage does: gates on every BN output (and option-A
 shortcut), the soft budget and crispness losses every step, and the per-epoch binarisation
-at the budget plus hard-mask validation. The dense epoch carries its own validation.
+at the budget, the hard model's BN recalibration (as params.yaml sets it) and hard-mask
+validation. The dense epoch carries its own validation.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--bn-recalibration-batches", type=int, default=4,
+                    help="as learn_masks.bn_recalibration_batches (default params: 4; 0 = off)")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -63,7 +66,8 @@ def main() -> None:
     def chipnet_run(epochs):
         model = create_model(args.model, **kwargs).to(device)
         gates = ChannelGates.for_model(model).to(device)
-        hooks = ChipNetHooks(model, gates, BudgetModel.from_model(model, shape), "flops", 0.25, val)
+        hooks = ChipNetHooks(model, gates, BudgetModel.from_model(model, shape), "flops", 0.25, val,
+                             calibration=train, calibration_batches=args.bn_recalibration_batches)
         sync(device)
         t0 = time.perf_counter()
         fit(model, train, val, cfg.model_copy(update={"epochs": epochs}), aug,
@@ -82,7 +86,8 @@ def main() -> None:
           f"{args.epochs} epochs x {args.repeats} repeats")
     print(f"{'epoch':<34}{'s/epoch (median)':>18}{'ratio':>8}")
     print(f"{'dense training':<34}{d:>18.3f}{1.0:>8.3f}")
-    print(f"{'ChipNet mask learning':<34}{c:>18.3f}{c / d:>8.3f}")
+    label = f"ChipNet (BN recal. {args.bn_recalibration_batches})"
+    print(f"{label:<34}{c:>18.3f}{c / d:>8.3f}")
 
 
 if __name__ == "__main__":

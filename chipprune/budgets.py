@@ -10,6 +10,11 @@ Deviation from the ChipNet authors' code: their params/flops budgets count conv 
 only (sum n_l n_prev k^2 [A_l]); ours count the whole pruned model, so a "25% params"
 budget is 25% of what counting.py reports. Channel and volume follow their definitions:
 sum n_l / sum C_l and sum n_l A_l / sum C_l A_l over prunable convs.
+
+A fifth type, latency, is the model's predicted time on a target device and batch size from
+a per-layer table of measured times (`chipprune.latency_table`): a BudgetModel carries one
+only when given (`from_model(..., latency=table)`); asking for it otherwise is an error that
+names the missing table.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import torch
 from torch import nn
 
 from chipprune.counting import forward_zero_image, measure_cost
+from chipprune.latency_table import LatencyTable
 from chipprune.models import Branch, PrunableNet
 
-BUDGET_TYPES = ("channel", "volume", "params", "flops")
+COUNT_TYPES = ("channel", "volume", "params", "flops")  # exact polynomials in the widths
+BUDGET_TYPES = (*COUNT_TYPES, "latency")  # latency: only with a latency table
 
 Width = torch.Tensor | float | int
 
@@ -51,13 +58,16 @@ class BudgetModel:
         terms: dict[str, list[Term]],
         dense_widths: dict[str, int],
         branches: tuple[Branch, ...] = (),
+        latency: LatencyTable | None = None,
     ):
         self.terms = terms
         self.dense_widths = dict(dense_widths)
         self.groups = list(self.dense_widths)  # the order of a width vector
         self.branches = branches  # removable residual branches: their groups may be empty
         self._compiled = {kind: self._compile(ts) for kind, ts in terms.items()}
-        self.dense = {kind: float(self.cost(kind, dense_widths)) for kind in BUDGET_TYPES}
+        self.latency = latency  # a LatencyTable, or None: no latency budget
+        self.types = COUNT_TYPES + (("latency",) if latency is not None else ())
+        self.dense = {kind: float(self.cost(kind, dense_widths)) for kind in self.types}
 
     def _compile(self, terms: list[Term]) -> tuple[torch.Tensor, ...]:
         """The terms as index tensors, so a cost is a few vector ops (ChipNet evaluates the
@@ -75,16 +85,25 @@ class BudgetModel:
         return coef, out, inp, when
 
     @classmethod
-    def from_model(cls, model: PrunableNet, input_size: tuple[int, int, int]) -> BudgetModel:
+    def from_model(
+        cls, model: PrunableNet, input_size: tuple[int, int, int],
+        latency: LatencyTable | None = None,
+    ) -> BudgetModel:
+        """The budgets of a dense `model` at `input_size` (C, H, W); with a `latency` table
+        (checked against the model and input size) the latency budget too."""
+        if latency is not None:
+            latency.check_model(model, input_size)
         spec = model.describe()
         areas = _output_areas(model, input_size)  # module name -> Hout * Wout
         conv_groups = {c.conv: (c.group, c.in_group) for c in spec.convs}
+        conv_groups |= {f.conv: (None, f.in_group) for f in spec.fixed}  # outputs never pruned
         bn_groups = {c.bn: c.group for c in spec.convs}
         # conv or BN name -> the groups its branch needs (empty outside removable branches)
         when = {c.conv: () for c in spec.convs} | {c.bn: () for c in spec.convs}
         for br in spec.branches:
             for conv in br.convs:
                 when[conv] = when[spec.conv(conv).bn] = br.groups
+            when |= dict.fromkeys(br.also, br.groups)  # e.g. a pre-activation BN, a FixedConv
         params: list[Term] = []
         macs: list[Term] = []
         for name, m in model.named_modules():
@@ -100,20 +119,23 @@ class BudgetModel:
                     raise ValueError(f"{name}: {_GROUPED}")
                 else:
                     k_in = k if inp is not None else k * m.in_channels  # the image is not pruned
-                params.append(Term(k_in, out, inp, when[name]))
-                macs.append(Term(k_in * areas[name], out, inp, when[name]))
+                n_out = 1 if out is not None else m.out_channels  # a FixedConv's are constant
+                on = when.get(name, ())
+                params.append(Term(k_in * n_out, out, inp, on))
+                macs.append(Term(k_in * n_out * areas[name], out, inp, on))
                 if m.bias is not None:
-                    params.append(Term(1, out, None, when[name]))
-                    macs.append(Term(areas[name], out, None, when[name]))
+                    params.append(Term(n_out, out, None, on))
+                    macs.append(Term(n_out * areas[name], out, None, on))
             elif isinstance(m, nn.BatchNorm2d) and name in bn_groups:
                 params.append(Term(2, bn_groups[name], None, when[name]))
             elif isinstance(m, nn.Linear) and name == spec.classifier:
-                params.append(Term(m.out_features, spec.classifier_in_group, None))
-                macs.append(Term(m.out_features, spec.classifier_in_group, None))
+                n_in = 1 if spec.classifier_in_group is not None else m.in_features
+                params.append(Term(m.out_features * n_in, spec.classifier_in_group, None))
+                macs.append(Term(m.out_features * n_in, spec.classifier_in_group, None))
                 if m.bias is not None:
                     params.append(Term(m.out_features, None, None))
             else:  # not touched by pruning: a constant
-                params.append(Term(sum(p.numel() for p in own), None, None))
+                params.append(Term(sum(p.numel() for p in own), None, None, when.get(name, ())))
                 if isinstance(m, nn.Linear):
                     macs.append(Term(m.in_features * m.out_features, None, None))
                 elif isinstance(m, nn.Conv2d):
@@ -121,7 +143,7 @@ class BudgetModel:
         channel = [Term(1, c.group, None, when[c.conv]) for c in spec.convs]
         volume = [Term(areas[c.conv], c.group, None, when[c.conv]) for c in spec.convs]
         bm = cls({"channel": channel, "volume": volume, "params": params, "flops": macs},
-                 spec.widths(), spec.branches)
+                 spec.widths(), spec.branches, latency)
         # The polynomial must reproduce the counter exactly, or a budget would lie.
         cost = measure_cost(model, input_size)
         if (bm.dense["params"], bm.dense["flops"]) != (cost.params, cost.macs):
@@ -134,10 +156,16 @@ class BudgetModel:
     def cost(self, kind: str, widths: Mapping[str, Width] | torch.Tensor) -> Width:
         """Sum of the kind's terms at `widths`: group -> width, or a (G,) vector in
         `self.groups` order. Integer widths give an exact float (float64 sums of integers
-        below 2^53); floating tensors give a differentiable tensor of their dtype."""
-        if kind not in self._compiled:
+        below 2^53); floating tensors give a differentiable tensor of their dtype.
+        latency: predicted ms (`LatencyTable.predict_ms`), exact table sums at grid widths."""
+        if kind == "latency" and self.latency is None:
+            raise ValueError(
+                "budget type 'latency' needs a latency table (runs/latency/<device>-bs<batch>-"
+                "<dataset>-<model>/table.json, made by the profile_latency stage), and this "
+                "budget model was built without one"
+            )
+        if kind not in self._compiled and kind != "latency":
             raise ValueError(f"unknown budget type {kind!r}; allowed: {', '.join(BUDGET_TYPES)}")
-        coef, out, inp, when = self._compiled[kind]
         if isinstance(widths, torch.Tensor):
             w, soft = widths, widths.is_floating_point()
         else:
@@ -147,6 +175,10 @@ class BudgetModel:
                 [int(v) for v in vals], dtype=torch.float64
             )
         w = w.to(torch.float64) if not soft else w
+        if kind == "latency":
+            total = self.latency.predict_ms(w, self.groups)
+            return total if soft else float(total)
+        coef, out, inp, when = self._compiled[kind]
         ext = torch.cat([w, w.new_ones(1)])  # (G + 1,): the last slot is the constant 1
         coef = coef.to(device=w.device, dtype=w.dtype)
         out, inp, when = out.to(w.device), inp.to(w.device), when.to(w.device)
@@ -168,7 +200,7 @@ _GROUPED = (
 
 def _is_depthwise(m: nn.Conv2d, group: str | None, in_group: str | None) -> bool:
     """A depthwise conv: its output channels are its input channels (one group in the spec)."""
-    return group == in_group and m.groups == m.in_channels == m.out_channels
+    return group is not None and group == in_group and m.groups == m.in_channels == m.out_channels
 
 
 def _output_areas(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, int]:

@@ -50,6 +50,32 @@ def folded_copy(model: nn.Module, z: dict[str, torch.Tensor]) -> nn.Module:
     return folded
 
 
+@torch.no_grad()
+def recalibrate_bn(
+    model: nn.Module, data: DeviceData, batches: int, batch_size: int, seed: int
+) -> None:
+    """Re-estimate every BN's running statistics from `batches` batches of training images
+    (a seeded random subset, no augmentation): the exact average over those batches
+    (momentum None), so the result depends on the images, not on earlier statistics."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if batches <= 0 or not bns:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    gen = torch.Generator(device=data.images.device).manual_seed(seed)
+    perm = torch.randperm(len(data), generator=gen, device=data.images.device)
+    bs = min(batch_size, len(data))
+    for i in range(min(batches, len(data) // bs)):
+        model(data.normalise(data.images[perm[i * bs : (i + 1) * bs]]))
+    for m, momentum in zip(bns, saved, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
+
+
 @dataclass
 class BestHard:
     epoch: int
@@ -76,12 +102,20 @@ class ChipNetHooks(TrainHooks):
         w_budget: float = 30.0,
         w_crisp: float = 10.0,
         eval_batch_size: int = 1024,
+        calibration: DeviceData | None = None,
+        calibration_batches: int = 0,
+        calibration_batch_size: int = 128,
+        round_to: int = 1,
     ):
         self.model, self.gates, self.budget = model, gates, budget
         self.kind, self.target, self.val = kind, target, val
         self.schedule = schedule or GateSchedule()
         self.w_budget, self.w_crisp = w_budget, w_crisp
         self.eval_batch_size = eval_batch_size
+        # training images for the hard model's BN statistics (every rank holds all of them)
+        self.calibration, self.calibration_batches = calibration, calibration_batches
+        self.calibration_batch_size = calibration_batch_size
+        self.round_to = round_to  # hardware-friendly widths (see keep_at_budget)
         if gates.groups != budget.groups:
             raise ValueError("gates and budget model describe different groups")
         self.best: BestHard | None = None
@@ -108,7 +142,8 @@ class ChipNetHooks(TrainHooks):
     @torch.no_grad()
     def hard_masks(self):
         z = {g: v.detach() for g, v in self.gates.all_z().items()}
-        return z, keep_at_budget(z, self.budget, self.kind, self.target)
+        return z, keep_at_budget(z, self.budget, self.kind, self.target,
+                                 round_to=self.round_to)
 
     @torch.no_grad()
     def on_epoch_end(self, epoch: int, model: nn.Module) -> dict[str, float]:
@@ -118,6 +153,9 @@ class ChipNetHooks(TrainHooks):
         self.detach()  # validate the binarised model, then put the soft gates back
         binarised = folded_copy(model, z)
         handles = apply_hard_masks(binarised, hard.keep)
+        if self.calibration is not None:
+            recalibrate_bn(binarised, self.calibration, self.calibration_batches,
+                           self.calibration_batch_size, seed=epoch)
         acc = evaluate(binarised, self.val, self.eval_batch_size)["top1"]
         for h in handles:
             h.remove()

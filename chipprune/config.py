@@ -106,6 +106,26 @@ class ScheduleConfig(Strict):
     gamma: float = Field(0.1, gt=0, le=1)
 
 
+class DistributedConfig(Strict):
+    """Data-parallel training (DDP): `nproc` local processes, each a shard of every global
+    batch (`batch_size` stays the global batch). nproc > 1 re-launches the stage as that
+    many ranks; gloo on CPU, nccl on CUDA (one GPU per rank)."""
+
+    nproc: int = Field(1, ge=1, le=1024)
+    # BatchNorm statistics over the global batch (one all-reduce per BN layer, forward and
+    # backward): training then matches one process to float rounding. Off: per-rank
+    # statistics over batch_size / nproc images, the usual DDP behaviour.
+    sync_bn: bool = False
+
+
+def _check_divisible(batch_size: int, d: DistributedConfig) -> None:
+    if batch_size % d.nproc:
+        raise ValueError(
+            f"batch_size {batch_size} (the global batch) must be divisible by "
+            f"distributed.nproc {d.nproc}"
+        )
+
+
 class TrainConfig(Strict):
     epochs: int = Field(30, ge=1, le=10_000)
     batch_size: int = Field(128, ge=1, le=65_536)
@@ -117,12 +137,22 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool = True  # CUDA only
     bf16: bool = True  # CUDA only: autocast to bfloat16
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> TrainConfig:
+        _check_divisible(self.batch_size, self.distributed)
+        return self
 
 
 class LatencyConfig(Strict):
+    """Measured in both memory formats (NCHW and channels_last), each batch size."""
+
     batch_sizes: list[int] = [1, 256]
     warmup: int = Field(5, ge=0)
     repeats: int = Field(20, ge=1)
+    # a pruned model: also time its dense architecture in the same process -> speedup_bs<N>
+    dense_reference: bool = True
 
 
 class EvaluateConfig(Strict):
@@ -138,12 +168,28 @@ class EvaluateConfig(Strict):
         return v
 
 
+class LatencyBudgetConfig(Strict):
+    """The `latency` budget's table (stage profile_latency): every prunable conv timed as
+    conv + BN (+ residual add) + ReLU on the target device at the target batch size, on a
+    grid of in/out widths (1, multiples of `step`, dense); chipprune.latency_table."""
+
+    device: Literal["cpu", "cuda"] = "cpu"  # the target device (not where training runs)
+    batch_size: int = Field(256, ge=1, le=65_536)
+    step: int = Field(8, ge=1, le=1024)  # grid spacing; prune.round_to = step keeps widths on it
+    # auto: the format the dense model runs faster in on the device (measured)
+    memory_format: Literal["auto", "nchw", "channels_last"] = "auto"
+    warmup: int = Field(3, ge=1)  # untimed forwards of each new module (its first is slow)
+    repeats: int = Field(3, ge=1)  # forwards per timing (their median)
+    rounds: int = Field(5, ge=1)  # passes over every grid point; the fastest is kept
+
+
 class DenseGrid(Strict):
     datasets: list[str] = Field(min_length=1)
     models: list[str] = Field(min_length=1)
 
 
-BudgetType = Literal["channel", "volume", "params", "flops"]
+# latency: from the table of the profile_latency stage (`latency_budget`)
+BudgetType = Literal["channel", "volume", "params", "flops", "latency"]
 
 
 class PruneGrid(Strict):
@@ -156,6 +202,9 @@ class PruneGrid(Strict):
     models: list[str] = Field(min_length=1)
     budget_types: list[BudgetType] = Field(min_length=1)
     targets: list[float] = Field(min_length=1)
+    # Hardware-friendly widths: every method's thresholding keeps multiples of this many
+    # channels per coupling group (or the dense width); 1 = any width.
+    round_to: int = Field(1, ge=1, le=1024)
 
     @field_validator("targets")
     @classmethod
@@ -201,10 +250,25 @@ class LearnMasksConfig(Strict):
     weight_decay: float = Field(1e-3, ge=0, le=1)  # on weights; zeta gets none
     w_budget: float = Field(30.0, ge=0)
     w_crisp: float = Field(10.0, ge=0)
+    # Before each epoch's hard validation, re-estimate the binarised model's BN statistics
+    # on this many training batches: until the gates are crisp, the soft model's statistics
+    # include half-open channels the hard model no longer has. 0 = the authors' behaviour.
+    bn_recalibration_batches: int = Field(0, ge=0)
+    # The weights fine-tuning starts from: the ones learned with the gates (the authors') or
+    # the dense model's, sliced by the learned masks. On a short schedule (the digits
+    # default: 600 steps where CIFAR has 28,000) the gates are far from crisp and the
+    # learned weights' binarised model is near chance; the masks themselves are good.
+    finetune_from: Literal["learned", "dense"] = "learned"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool = True
     bf16: bool = True
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> LearnMasksConfig:
+        _check_divisible(self.batch_size, self.distributed)
+        return self
 
 
 class TransferPair(Strict):
@@ -221,6 +285,22 @@ class TransferPair(Strict):
     protocol: Literal["scratch", "dense"] = "scratch"
 
 
+class RateConfig(Strict):
+    """CHIP at given per-layer rates (the authors' published configurations), not a budget."""
+
+    dataset: str
+    model: str
+    rates: str | list[float]  # a list, or the authors' form "[0.]+[0.15]*2+[0.4]*27"
+
+    @field_validator("rates")
+    @classmethod
+    def _rates_parse(cls, v: str | list[float]) -> str | list[float]:
+        from chipprune.chip import parse_rates  # imported here: it loads torch
+
+        parse_rates(v)  # the length is checked against the model by select_channels
+        return v
+
+
 class TransferConfig(Strict):
     recipe: TrainConfig = TrainConfig()
     pairs: dict[str, TransferPair] = {}
@@ -233,10 +313,13 @@ class Params(Strict):
     train_dense: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     prune: PruneGrid | None = None
+    latency_budget: LatencyBudgetConfig = LatencyBudgetConfig()
     learn_masks: LearnMasksConfig = LearnMasksConfig()
     baselines: BaselinesConfig = BaselinesConfig()
     chip: ChipConfig = ChipConfig()
     transfer: TransferConfig = TransferConfig()
+    # CHIP at per-layer rates, one DVC stage chain per named configuration
+    chip_rates: dict[str, RateConfig] = {}
     # Fine-tuning recipe per pruning method (chipnet, chip, ...): a TrainConfig each.
     finetune: dict[str, TrainConfig] = {}
 
@@ -258,6 +341,21 @@ class Params(Strict):
             for name in names:
                 if name not in known:
                     raise ValueError(f"{key}: {name!r} is not defined; defined: {sorted(known)}")
+        for name, rc in self.chip_rates.items():
+            # the scores come from score_channels, which runs over the prune grid
+            p = self.prune
+            methods = p.methods if p else []
+            for what, value, known in (("dataset", rc.dataset, p.datasets if p else []),
+                                       ("model", rc.model, p.models if p else [])):
+                if value not in known or "chip" not in methods:
+                    raise ValueError(
+                        f"chip_rates.{name}.{what}: {value!r} has no CHIP scores; add it to "
+                        f"prune.{what}s (now {list(known)}) with chip in prune.methods"
+                    )
+            if "." in name:
+                raise ValueError(f"chip_rates.{name}: a name may not contain '.' "
+                                 "(DVC reads it as a key path)")
+            _check_rates_fit(name, rc, self.models[rc.model])
         for name, pair in self.transfer.pairs.items():
             if "." in name:
                 raise ValueError(f"transfer.pairs.{name}: a pair name may not contain '.' "
@@ -268,6 +366,18 @@ class Params(Strict):
                 raise ValueError(f"transfer.pairs.{name}: the student needs a dense model: add "
                                  f"{pair.student!r} to dense.datasets and {pair.model!r} to dense.models")
         return self
+
+
+def _check_rates_fit(name: str, rc: RateConfig, model: ModelConfig) -> None:
+    """The rates must match the model's layout (its number of prunable layers)."""
+    from chipprune.chip import rates_to_widths  # imported here: it loads torch
+    from chipprune.models import create_model
+
+    spec = create_model(model.arch, **model.kwargs).describe()
+    try:
+        rates_to_widths(spec, rc.rates, model.arch)
+    except ValueError as e:
+        raise ValueError(f"chip_rates.{name}.rates: {e}") from None
 
 
 def _format(err: ValidationError, source: str) -> str:

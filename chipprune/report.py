@@ -3,7 +3,11 @@ runs alike), and its figures."""
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
+
+from chipprune.records import budget_label
 
 COLUMNS = [
     "method", "dataset", "teacher", "protocol", "model", "budget_type", "target",
@@ -13,8 +17,10 @@ COLUMNS = [
 
 
 def latency_key(records: list[dict]) -> str | None:
-    """The latency field of the largest batch size every record measured."""
-    common = set.intersection(*({k for k in r if k.startswith("latency_ms_bs")} for r in records))
+    """The latency field of the largest batch size every record measured (`latency_ms_bs<N>`,
+    the faster memory format; the per-format `latency_ms_bs<N>_nchw` / `_cl` are not picked)."""
+    common = set.intersection(*({k for k in r if re.fullmatch(r"latency_ms_bs\d+", k)}
+                                for r in records))
     return max(common, key=lambda k: int(k.removeprefix("latency_ms_bs")), default=None)
 
 
@@ -34,7 +40,7 @@ def build_table(records: list[dict], latency_field: str | None = None) -> pd.Dat
         rows.append({
             "method": r["method"], "dataset": r["dataset"], "teacher": r.get("teacher") or "",
             "protocol": r.get("protocol") or "",
-            "model": r["model"], "budget_type": budget.get("type") or "",
+            "model": r["model"], "budget_type": budget_label(budget),
             "target": budget.get("target"), "params_fraction": r["params_fraction"],
             "macs_fraction": r["macs_fraction"], "top1": r["test_top1"],
             "latency_ms": r.get(latency_field) if latency_field else None, "source": r.get("source", ""),

@@ -22,12 +22,33 @@ class KeepResult:
     target: float
 
 
+def _units(scores: dict[str, torch.Tensor], groups: list[str], round_to: int):
+    """The items the ranking moves: per group, its channels by descending score cut into
+    blocks of `round_to` (the last block of a group whose width is not a multiple is
+    smaller, so the dense width stays reachable). Returns per unit: score (the mean of its
+    channels'), group id, size, and the channel indices it holds."""
+    unit_score, unit_gid, unit_size, members = [], [], [], []
+    for i, g in enumerate(groups):
+        s = scores[g].detach().double().cpu()
+        idx = torch.sort(-s, stable=True).indices  # ties: lower channel index first
+        for start in range(0, len(idx), round_to):
+            block = idx[start : start + round_to]
+            # a block never outranks the block before it: means of a sorted list descend
+            unit_score.append(float(s[block].mean()))
+            unit_gid.append(i)
+            unit_size.append(len(block))
+            members.append(block)
+    return (torch.tensor(unit_score, dtype=torch.float64), torch.tensor(unit_gid),
+            torch.tensor(unit_size), members)
+
+
 def keep_at_budget(
     scores: dict[str, torch.Tensor],
     budget: BudgetModel,
     kind: str,
     target: float,
     tolerance: float = 0.01,
+    round_to: int = 1,
 ) -> KeepResult:
     """Keep-masks whose hard `kind` budget is the smallest value >= target reachable by
     adding channels in descending score order (ties: group order, then channel index).
@@ -35,9 +56,15 @@ def keep_at_budget(
     One channel of a wide residual stream can cost several percent of a volume budget; if
     the channel that crosses the target overshoots by more than `tolerance`, the channels
     after it in rank order are tried instead, each taken if it keeps the budget within
-    target + tolerance, until the target is met."""
+    target + tolerance, until the target is met.
+
+    `round_to` > 1: hardware-friendly widths. Channels move in blocks of `round_to` (the
+    best ones of a group first, a block ranked by its mean score), so every kept width is a
+    multiple of `round_to` or the group's dense width; the budget is still met from above."""
     if not 0.0 < target <= 1.0:
         raise ValueError(f"budget target must be in (0, 1], got {target}")
+    if round_to < 1:
+        raise ValueError(f"round_to must be >= 1, got {round_to}")
     groups = list(budget.dense_widths)
     missing = set(groups) - set(scores)
     if missing:
@@ -47,13 +74,12 @@ def keep_at_budget(
             raise ValueError(f"scores[{g!r}] has shape {tuple(scores[g].shape)}, "
                              f"expected ({budget.dense_widths[g]},)")
 
-    flat = torch.cat([scores[g].detach().double().cpu() for g in groups])  # (N,)
-    gid = torch.cat([torch.full((budget.dense_widths[g],), i) for i, g in enumerate(groups)])
-    # Stable sort on -score keeps (group order, index) order among ties.
+    flat, gid, size, members = _units(scores, groups, round_to)  # (U,) each
+    # Stable sort on -score keeps (group order, rank in group) order among ties.
     order = torch.sort(-flat, stable=True).indices
     forced = torch.zeros_like(flat, dtype=torch.bool)
     vanishing = {g for br in budget.branches for g in br.groups}
-    # the best channel of every group outside removable branches is always kept
+    # the best unit of every group outside removable branches is always kept
     seen = {i for i, g in enumerate(groups) if g in vanishing}
     for j in order.tolist():
         if int(gid[j]) not in seen:
@@ -62,8 +88,10 @@ def keep_at_budget(
     rest = order[~forced[order]]
 
     def widths_at(m: int) -> dict[str, int]:
-        counts = torch.bincount(gid[forced], minlength=len(groups))
-        counts += torch.bincount(gid[rest[:m]], minlength=len(groups))
+        counts = torch.bincount(gid[forced], weights=size[forced].double(),
+                                minlength=len(groups))
+        counts += torch.bincount(gid[rest[:m]], weights=size[rest[:m]].double(),
+                                 minlength=len(groups))
         return {g: int(c) for g, c in zip(groups, counts, strict=True)}
 
     def value(m: int) -> float:
@@ -83,24 +111,27 @@ def keep_at_budget(
     if hi > 0 and value(hi) > target + tolerance:
         chosen[rest[hi - 1]] = False
         counts = widths_at(hi - 1)
+        blocked = set()
         for j in rest[hi:].tolist():
             g = groups[int(gid[j])]
-            counts[g] += 1
+            # a group's units go in rank order: one skipped blocks the rest of its group
+            if g in blocked:
+                continue
+            counts[g] += int(size[j])
             v = float(budget.fraction(kind, counts))
             if v > target + tolerance:
-                counts[g] -= 1
+                counts[g] -= int(size[j])
+                blocked.add(g)
                 continue
             chosen[j] = True
             if v >= target:
                 break
-        else:  # nothing small enough fills the gap: fall back to the crossing channel
+        else:  # nothing small enough fills the gap: fall back to the crossing unit
             chosen = forced.clone()
             chosen[rest[:hi]] = True
-    keep, start = {}, 0
-    for g in groups:
-        n = budget.dense_widths[g]
-        keep[g] = chosen[start : start + n].clone()
-        start += n
+    keep = {g: torch.zeros(budget.dense_widths[g], dtype=torch.bool) for g in groups}
+    for j in chosen.nonzero().flatten().tolist():
+        keep[groups[int(gid[j])]][members[j]] = True
     for br in budget.branches:  # a branch with an empty group goes as a whole
         if any(not keep[g].any() for g in br.groups):
             for g in br.groups:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from chipprune import tracking
+from chipprune import distributed, tracking
 from chipprune.atomic import write_text
 from chipprune.budgets import BudgetModel
 from chipprune.checkpoint import (
@@ -26,11 +26,12 @@ from chipprune.chipnet import ChipNetHooks, adamw
 from chipprune.config import ConfigError, ScheduleConfig, TrainConfig, load_params
 from chipprune.data import load_prepared
 from chipprune.gates import ChannelGates
+from chipprune.latency_table import latency_budget_doc, table_for_budget
 from chipprune.masks import masks_from_keep, save_masks
 from chipprune.plots import gate_values_figure, save_png
 from chipprune.resume import ResumeStore, fingerprint
 from chipprune.train import DeviceData, fit, resolve_device, seed_everything
-from stages._common import RESUME_DIR, parse_budget, run_main
+from stages._common import RESUME_DIR, main_rank_run, parse_budget, run_main, start_ranks
 from stages.train_dense import history_csv
 
 
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     for a in ("dataset", "model", "budget_type", "target", "data_dir", "dense_ckpt", "out_dir"):
         ap.add_argument(a)
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--latency-table", help="budget type latency: the profile_latency table "
+                    "(default: runs/latency/<device>-bs<batch>-<dataset>-<model>/table.json)")
     args = ap.parse_args(argv)
 
     params = load_params(args.params)
@@ -47,15 +50,17 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"datasets.{args.dataset}: not defined in {args.params}")
     target = parse_budget(args.budget_type, args.target)
     augment = params.datasets[args.dataset].augment
+    device = start_ranks("stages.learn_masks", argv, cfg.distributed, resolve_device(cfg.device))
 
     data = load_prepared(Path(args.data_dir), splits=("train", "val"))
     meta = data.meta
     dense = load_checkpoint(args.dense_ckpt)
-    device = resolve_device(cfg.device)
     seed_everything(cfg.seed, device)
     model = model_from_checkpoint(dense, args.dense_ckpt).to(device)
     shape = tuple(meta["image_shape"])
-    budget = BudgetModel.from_model(model, shape)
+    table = table_for_budget(args.budget_type, args.latency_table, params.latency_budget,
+                             args.dataset, args.model)  # None unless the budget is latency
+    budget = BudgetModel.from_model(model, shape, latency=table)
     gates = ChannelGates.for_model(model, generator=torch.Generator().manual_seed(cfg.seed))
     gates.to(device)
     train = DeviceData.from_split(data.splits["train"], meta, device)
@@ -66,35 +71,46 @@ def main(argv: list[str] | None = None) -> None:
         "learn_masks": cfg.model_dump(), "budget": {"type": args.budget_type, "target": target},
         "dataset": args.dataset, "model": args.model, "augment": augment.model_dump(),
     }
+    if table is not None:  # a new table is a new budget: part of the resume fingerprint too
+        config["budget"]["table_sha256"] = tracking.file_sha256(table.source)
     # fit() drives the loop; ChipNet's optimiser and constant lr replace the dense recipe.
     loop = TrainConfig(
         epochs=cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
         schedule=ScheduleConfig(kind="constant"), seed=cfg.seed, device=cfg.device,
-        channels_last=cfg.channels_last, bf16=cfg.bf16,
+        channels_last=cfg.channels_last, bf16=cfg.bf16, distributed=cfg.distributed,
     )
     hooks = ChipNetHooks(
         model, gates, budget, args.budget_type, target, val,
         w_budget=cfg.w_budget, w_crisp=cfg.w_crisp, eval_batch_size=cfg.eval_batch_size,
+        calibration=train, calibration_batches=cfg.bn_recalibration_batches,
+        round_to=params.prune.round_to if params.prune else 1,
     )
     out = Path(args.out_dir)
     dense_sha = tracking.file_sha256(args.dense_ckpt)
     resume = ResumeStore(RESUME_DIR / f"{name}.pt", fingerprint(config, meta, dense_sha))
-    with tracking.stage_run(name, config, out / "mlflow_run.json",
-                            inputs={"dense_checkpoint": args.dense_ckpt}):
-        import mlflow
-
+    inputs = {"dense_checkpoint": args.dense_ckpt,
+              **({"latency_table": table.source} if table else {})}
+    with main_rank_run(name, config, out / "mlflow_run.json", inputs=inputs):
         result = fit(model, train, val, loop, augment,
                      optimizer=adamw(model, gates, cfg.lr, cfg.weight_decay, cfg.gate_lr), hooks=hooks,
                      resume=resume, log=lambda row: tracking.log_history([row]))
+        if not distributed.is_main():
+            return  # the gates, thresholds and best epoch are the same on every rank
+        import mlflow
+
         tracking.log_history(result.history[: result.resumed_from_epoch])
         hooks.detach()
         best = hooks.best
         masks = masks_from_keep(
             dense["model_name"], dense["model_kwargs"], model.describe(), best.keep,
             dataset=args.dataset, method="chipnet",
-            budget={"type": args.budget_type, "target": target, "achieved": best.achieved},
+            budget={"type": args.budget_type, "target": target, "achieved": best.achieved,
+                    **latency_budget_doc(table, best.achieved)},
+            # `weights` makes finetune start from the learned weights (the authors' way);
+            # without it finetune slices the dense checkpoint (finetune_from: dense)
             extra={"best_epoch": best.epoch, "val_hard_top1": best.val_top1,
-                   "weights": "checkpoint.pt"},  # finetune starts from the learned weights
+                   **({"weights": "checkpoint.pt"} if cfg.finetune_from == "learned"
+                      else {"learned_weights": "checkpoint.pt"})},
         )
         save_masks(masks, out / "masks.json")
         ckpt = make_checkpoint(model, dense["model_name"], dense["model_kwargs"],

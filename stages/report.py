@@ -34,7 +34,12 @@ def kept_per_layer(metrics_file: str) -> dict[str, int]:
     widths = ckpt["model_kwargs"].get("widths", {})
     dense_kwargs = {k: v for k, v in ckpt["model_kwargs"].items() if k not in ("widths", "kept")}
     spec = create_model(ckpt["model_name"], **dense_kwargs).describe()
-    return {c.conv: widths.get(c.group, c.out_channels) for c in spec.convs}
+    removed = {  # convs of residual branches removed as a whole (orphan removal)
+        conv for br in spec.branches if any(widths.get(g) == 0 for g in br.groups)
+        for conv in br.convs
+    }
+    return {c.conv: 0 if c.conv in removed else widths.get(c.group, c.out_channels)
+            for c in spec.convs}
 
 
 def kept_channels_png(df, path: Path) -> None:

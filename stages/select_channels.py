@@ -2,7 +2,9 @@
 global budget (type, target) or from the authors' per-layer rates.
 
     python -m stages.select_channels <dataset> <model> <scores_dir> <dense_ckpt> <data_dir> <out_dir> \\
-        (--budget TYPE TARGET | --rates "[0.]+[0.15]*2+[0.4]*27")
+        (--budget TYPE TARGET | --rates "[0.]+[0.15]*2+[0.4]*27" | --rate-config NAME)
+
+`--rate-config NAME` reads the rates of `chip_rates.NAME` in params.yaml (the DVC stages).
 
 At a budget, CHIP keeps the same rate in every layer (the authors' configurations are near
 uniform), met exactly from above by the shared thresholding; within a layer, the channels
@@ -24,8 +26,9 @@ from chipprune.baselines import uniform_scores
 from chipprune.budgets import BudgetModel
 from chipprune.checkpoint import load_checkpoint, model_from_checkpoint
 from chipprune.chip import rates_to_widths, select_top
-from chipprune.config import ConfigError
+from chipprune.config import ConfigError, load_params
 from chipprune.data import load_prepared
+from chipprune.latency_table import latency_budget_doc, table_for_budget
 from chipprune.masks import masks_from_keep, save_masks
 from chipprune.thresholding import keep_at_budget
 from stages._common import parse_budget, run_main
@@ -39,7 +42,18 @@ def main(argv: list[str] | None = None) -> None:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--budget", nargs=2, metavar=("TYPE", "TARGET"))
     mode.add_argument("--rates", help="per-layer rates, a list or the authors' string form")
+    mode.add_argument("--rate-config", help="a name under chip_rates in params.yaml")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--latency-table", help="--budget latency: the profile_latency table "
+                    "(default: runs/latency/<device>-bs<batch>-<dataset>-<model>/table.json)")
     args = ap.parse_args(argv)
+    rates_key = "--rates"
+    if args.rate_config:
+        configs = load_params(args.params).chip_rates
+        if args.rate_config not in configs:
+            raise ConfigError(f"chip_rates.{args.rate_config}: not defined in {args.params}; "
+                              f"defined: {sorted(configs)}")
+        args.rates, rates_key = configs[args.rate_config].rates, f"chip_rates.{args.rate_config}"
 
     scores_path = Path(args.scores_dir) / "scores.json"
     try:
@@ -54,19 +68,27 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.budget:
         kind, target = args.budget[0], parse_budget(*args.budget)
-        budget = BudgetModel.from_model(model, tuple(meta["image_shape"]))
-        result = keep_at_budget(uniform_scores(groups), budget, kind, target)
+        params = load_params(args.params)
+        table = table_for_budget(kind, args.latency_table, params.latency_budget, args.dataset,
+                                 args.model)  # None unless the budget is latency
+        budget = BudgetModel.from_model(model, tuple(meta["image_shape"]), latency=table)
+        grid = params.prune
+        result = keep_at_budget(uniform_scores(groups), budget, kind, target,
+                                round_to=grid.round_to if grid else 1)
         keep, achieved = result.keep, result.achieved
-        budget_doc = {"type": kind, "target": target, "achieved": achieved}
+        budget_doc = {"type": kind, "target": target, "achieved": achieved,
+                      **latency_budget_doc(table, achieved)}
         label = f"{kind}-{target}"
     else:
         try:
             widths = rates_to_widths(spec, args.rates, dense["model_name"])
         except ValueError as e:
-            raise ConfigError(f"--rates: {e}") from None
+            raise ConfigError(f"{rates_key}: {e}") from None
         keep = select_top(groups, widths)
         budget_doc = {"type": "rates", "target": None, "achieved": None}
-        label = "rates"
+        if args.rate_config:
+            budget_doc["config"] = args.rate_config
+        label = f"rates-{args.rate_config}" if args.rate_config else "rates"
 
     name = f"select_channels@chip-{label}-{args.dataset}-{args.model}"
     out = Path(args.out_dir)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from chipprune.baselines import BASELINES, baseline_scores, l1_scores, uniform_scores
-from chipprune.budgets import BUDGET_TYPES, BudgetModel
+from chipprune.budgets import COUNT_TYPES, BudgetModel
 from chipprune.models import create_model
 from chipprune.thresholding import keep_at_budget
 
@@ -19,7 +19,7 @@ def resnet56():
 
 
 @pytest.mark.parametrize("method", BASELINES)
-@pytest.mark.parametrize("kind", BUDGET_TYPES)
+@pytest.mark.parametrize("kind", COUNT_TYPES)
 def test_each_baseline_meets_the_budget(resnet56, method, kind):
     model, bm = resnet56
     for target in (0.5, 0.25, 0.125):

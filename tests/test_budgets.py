@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chipprune.budgets import BUDGET_TYPES, BudgetModel
+from chipprune.budgets import COUNT_TYPES, BudgetModel
 from chipprune.counting import measure_cost
 from chipprune.gates import ChannelGates
 from chipprune.models import create_model, list_models
@@ -51,7 +51,7 @@ def test_soft_budget_agrees_with_hard_for_binary_gates():
             gates.zeta[i].copy_(torch.where(k, 1e3, -1e3))
     gates.steep = 60.0
     soft = gates.soft_counts()
-    for kind in BUDGET_TYPES:
+    for kind in COUNT_TYPES:
         hard = bm.fraction(kind, keep)
         # equal up to float32 summation (sigmoid(30) and H(1) are exactly 1 in float32)
         assert float(bm.fraction(kind, soft)) == pytest.approx(hard, rel=1e-6)
@@ -89,7 +89,7 @@ def test_thresholding_meets_every_budget_from_above(name, kw, size):
     vanishing = {g for br in bm.branches for g in br.groups}
     g = torch.Generator().manual_seed(0)
     removed = 0
-    for kind in BUDGET_TYPES:
+    for kind in COUNT_TYPES:
         for target in TARGETS:
             scores = {k: torch.rand(w, generator=g) for k, w in bm.dense_widths.items()}
             r = keep_at_budget(scores, bm, kind, target)
@@ -145,3 +145,44 @@ def test_bad_targets_are_refused(target):
     scores = {k: torch.rand(w) for k, w in bm.dense_widths.items()}
     with pytest.raises(ValueError, match="budget target"):
         keep_at_budget(scores, bm, "flops", target)
+
+
+@pytest.mark.parametrize(("name", "kw", "size"), CASES, ids=[c[0] for c in CASES])
+def test_round_to_gives_multiples_and_still_meets_the_budget(name, kw, size):
+    """round_to=8: every kept width is a multiple of 8 (or the dense width), the budget is
+    met from above within 0.01, except below the floor of one block per layer, where it
+    lands exactly on that floor (VGG-16-BN: volume 8.1%, channel 2.5%)."""
+    bm = BudgetModel.from_model(create_model(name, **kw), size)
+    vanishing = {g for br in bm.branches for g in br.groups}
+    g = torch.Generator().manual_seed(3)
+    below = []
+    for kind in COUNT_TYPES:
+        floor = float(bm.fraction(kind, {k: 0 if k in vanishing else min(8, w)
+                                         for k, w in bm.dense_widths.items()}))
+        for target in TARGETS:
+            scores = {k: torch.rand(w, generator=g) for k, w in bm.dense_widths.items()}
+            r = keep_at_budget(scores, bm, kind, target, round_to=8)
+            widths = {k: int(v.sum()) for k, v in r.keep.items()}
+            assert all(w % 8 == 0 or w == bm.dense_widths[k] for k, w in widths.items())
+            if target >= floor:
+                assert target <= r.achieved <= target + 0.01, (kind, target, r.achieved)
+            else:
+                assert r.achieved == pytest.approx(floor)
+                below.append((kind, target))
+    # VGG-16-BN: 13 layers x 8 channels are 2.5% of its 4,224 channels
+    vgg = [("channel", 0.02), ("volume", 0.0625), ("volume", 0.02)]
+    assert below == {"vgg16_bn": vgg}.get(name, [])
+
+
+def test_round_to_keeps_the_best_channels_of_each_group():
+    bm = BudgetModel.from_model(create_model("resnet20"), (3, 32, 32))
+    scores = {k: torch.arange(w, dtype=torch.float64) for k, w in bm.dense_widths.items()}
+    r = keep_at_budget(scores, bm, "channel", 0.5, round_to=4)
+    for k, keep in r.keep.items():
+        idx = keep.nonzero().flatten().tolist()
+        w = bm.dense_widths[k]
+        assert len(idx) % 4 == 0 and idx == list(range(w - len(idx), w))
+    one = keep_at_budget(scores, bm, "flops", 0.3, round_to=1)
+    assert one.keep.keys() == r.keep.keys()
+    with pytest.raises(ValueError, match="round_to must be >= 1"):
+        keep_at_budget(scores, bm, "flops", 0.3, round_to=0)

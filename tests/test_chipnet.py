@@ -96,3 +96,27 @@ def test_folding_gates_into_bn_reproduces_the_soft_model(name):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert torch.allclose(folded_copy(model, z)(x), soft, atol=1e-5)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # original intact
+
+
+def test_bn_recalibration_is_the_exact_average_over_its_batches():
+    """After recalibration the stem BN's running mean is the mean of the stem conv's output
+    over exactly the chosen images (equal batches: the mean of the batch means), whatever
+    the statistics were before; momentum is restored."""
+    from chipprune.chipnet import recalibrate_bn
+
+    model, _, _ = _setup()
+    data = _data(n=96)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(5.0)
+    model.eval()
+    recalibrate_bn(model, data, batches=3, batch_size=16, seed=7)
+    perm = torch.randperm(96, generator=torch.Generator().manual_seed(7))[:48]
+    with torch.no_grad():
+        out = model.conv1(data.normalise(data.images[perm]))  # (48, 16, 8, 8)
+    torch.testing.assert_close(model.bn1.running_mean, out.mean(dim=(0, 2, 3)),
+                               rtol=1e-5, atol=1e-6)
+    assert model.bn1.momentum == 0.1 and not model.training
+    before = model.bn1.running_mean.clone()
+    recalibrate_bn(model, data, batches=3, batch_size=16, seed=7)  # same images: same stats
+    torch.testing.assert_close(model.bn1.running_mean, before)

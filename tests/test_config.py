@@ -58,6 +58,9 @@ BAD = [
     ("dense", DELETE, "dense", "required key is missing"),
     ("evaluate.latency.batch_sizes", [0], "evaluate.latency", "positive"),
     ("surprise", {}, "surprise", "unknown key"),
+    ("chip_rates.r20-light.rates", "[0.]+[0.4]*x", "chip_rates.r20-light.rates", "bad rates term"),
+    ("chip_rates.r20-light.rates", [0.2, 1.0], "chip_rates.r20-light.rates", "[0, 1)"),
+    ("chip_rates.r20-light.model", "resnet56", "chip_rates.r20-light.model", "no CHIP scores"),
 ]
 
 

@@ -47,6 +47,7 @@ def repo(tmp_path_factory):
         targets=[0.5],
     )
     params["evaluate"]["latency"] = {"batch_sizes": [1, 8], "warmup": 1, "repeats": 2}
+    params["latency_budget"].update(batch_size=8, step=16, warmup=1, repeats=1, rounds=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = {
         **os.environ,
@@ -87,20 +88,24 @@ def test_every_executed_stage_has_an_mlflow_run(repo):
     assert sorted(runs["tags.mlflow.runName"]) == [
         "baseline_masks@random-flops-0.5-digits-resnet20",
         "evaluate@chip-flops-0.5-digits-resnet20",
+        "evaluate@chip-rates-r20-light",
         "evaluate@chipnet-flops-0.5-digits-resnet20",
         "evaluate@dense-digits-resnet20",
         "evaluate@dense-digits_even-resnet20",
         "evaluate@random-flops-0.5-digits-resnet20",
         "evaluate@transfer-to-even",
         "finetune@chip-flops-0.5-digits-resnet20",
+        "finetune@chip-r20-light",
         "finetune@chipnet-flops-0.5-digits-resnet20",
         "finetune@random-flops-0.5-digits-resnet20",
         "learn_masks@flops-0.5-digits-resnet20",
         "prepare@digits",
         "prepare@digits_even",
+        "profile_latency@digits-resnet20",
         "report",
         "score_channels@digits-resnet20",
         "select_channels@chip-flops-0.5-digits-resnet20",
+        "select_channels@chip-rates-r20-light-digits-resnet20",
         "train_dense@digits-resnet20",
         "train_dense@digits_even-resnet20",
         "transfer_masks@to-even",
@@ -150,6 +155,23 @@ def test_report_lists_every_evaluated_run(repo):
     assert "| chipnet | digits_even | digits | dense |" in (root / "results/report.md").read_text()
     for png in ("pareto.png", "kept_channels.png"):
         assert (root / "results" / png).stat().st_size > 10_000
+
+
+def test_compare_rebuilds_the_report_from_mlflow_alone(repo):
+    """`python -m pipelines.compare` (mlflow.search_runs, no metrics files) prints the same
+    table the report stage wrote from the metrics files."""
+    root, env, _ = repo
+    import pandas as pd
+
+    out = _run([sys.executable, "-m", "pipelines.compare", "--experiment", "chipprune",
+                "--csv", str(root / "compare.csv")], root, env)
+    from_mlflow = pd.read_csv(root / "compare.csv")
+    from_files = pd.read_csv(root / "results/report.csv")
+    pd.testing.assert_frame_equal(from_mlflow, from_files)
+    assert out.stdout.splitlines()[0] == (root / "results/report.md").read_text().splitlines()[0]
+    bad = subprocess.run([sys.executable, "-m", "pipelines.compare", "--experiment", "nope"],
+                         cwd=root, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "no MLflow experiment 'nope'" in bad.stderr
 
 
 def test_transfer_refuses_masks_of_another_architecture(repo, tmp_path):

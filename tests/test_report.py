@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 
 from chipprune.report import build_table, latency_key, to_markdown
@@ -53,3 +54,22 @@ def test_markdown_has_a_row_per_run():
     lines = md.strip().splitlines()
     assert len(lines) == 2 + len(RECORDS)
     assert lines[0].startswith("| method | dataset | teacher | protocol |") and "source" not in lines[0]
+
+
+def test_mlflow_tags_round_trip_to_the_same_record():
+    """evaluate writes run_tags; pipelines.compare rebuilds the record from tags + metrics."""
+    from chipprune.records import record_from_run, run_tags
+
+    metrics = {"test_top1": 0.9, "params_fraction": 0.3, "macs_fraction": 0.25,
+               "latency_ms_bs8": 2.0}
+    base = {"dataset": "digits", "model": "resnet20", **metrics}
+    records = [
+        {**base, "method": "dense", "budget": None},
+        {**base, "method": "chipnet", "budget": {"type": "flops", "target": 0.25}},
+        {**base, "method": "chip", "budget": {"type": "rates", "target": None, "config": "r1"}},
+        {**base, "method": "chipnet", "budget": {"type": "flops", "target": 0.125},
+         "dataset": "even", "teacher": "digits", "protocol": "scratch"},
+    ]
+    again = [record_from_run(run_tags(r), metrics) for r in records]
+    pd.testing.assert_frame_equal(build_table(again), build_table(records))
+    assert sorted(build_table(records)["budget_type"]) == ["", "flops", "flops", "rates:r1"]

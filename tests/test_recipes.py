@@ -1,0 +1,110 @@
+"""The published grids in recipes/: each is a valid params file for our pipeline (models,
+budgets, the authors' rate strings checked against their models), and each fixed
+configuration prunes to what the published tables imply under our counting convention."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from chipprune.chip import rates_to_widths
+from chipprune.config import parse_params
+from chipprune.counting import measure_cost
+from chipprune.models import create_model
+from tests.conftest import REPO
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def _local(recipe, root):
+    """The recipe with every data root pointed at an existing folder (no data is read)."""
+    raw = yaml.safe_load(recipe.read_text())
+    for ds in raw["datasets"].values():
+        ds["root"] = str(root)
+    return raw
+
+
+def test_there_is_a_recipe_per_published_grid():
+    assert {r.stem for r in RECIPES} == {
+        "chipnet-cifar", "chipnet-cifar-preresnet", "chip-cifar10", "chip-imagenet",
+        "transfer-cifar100-to-cifar10",
+    }
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.stem)
+def test_recipe_is_valid(recipe, tmp_path):
+    p = parse_params(_local(recipe, tmp_path))
+    assert p.prune is not None and set(p.prune.methods) <= set(p.finetune)
+
+
+def test_chipnet_recipes_hold_the_authors_settings(tmp_path):
+    for stem in ("chipnet-cifar", "chipnet-cifar-preresnet"):
+        p = parse_params(_local(REPO / "recipes" / f"{stem}.yaml", tmp_path))
+        lm, ft = p.learn_masks, p.finetune["chipnet"]
+        assert (lm.epochs, lm.batch_size, lm.lr, lm.weight_decay, lm.gate_lr) == (
+            20, 32, 1e-3, 1e-3, None)
+        assert (lm.w_budget, lm.w_crisp, lm.finetune_from) == (30, 10, "learned")
+        assert (ft.epochs, ft.batch_size, ft.optimizer.lr, ft.optimizer.weight_decay) == (
+            300, 128, 0.05, 1e-3)
+        assert (ft.schedule.kind, ft.schedule.step_size, ft.schedule.gamma) == ("step", 30, 0.5)
+    grid = parse_params(_local(REPO / "recipes/chipnet-cifar.yaml", tmp_path)).prune
+    assert grid.budget_types == ["volume"] and grid.targets == [0.5, 0.25, 0.125, 0.0625]
+    grid = parse_params(_local(REPO / "recipes/chipnet-cifar-preresnet.yaml", tmp_path)).prune
+    assert grid.budget_types == ["channel"] and grid.targets == [0.6, 0.4, 0.2, 0.1]
+
+
+@pytest.mark.parametrize(("name", "params", "macs"), [
+    ("r56-47", 485_413, 65_168_128),  # CHIP's table: 0.48M params, 65.94M FLOPs with BN
+    ("r56-72", 240_793, 34_197_184),
+])
+def test_chip_rate_recipes_give_the_published_resnet56_counts(tmp_path, name, params, macs):
+    p = parse_params(_local(REPO / "recipes/chip-cifar10.yaml", tmp_path))
+    rc = p.chip_rates[name]
+    model = create_model("resnet56", **p.models[rc.model].kwargs)
+    widths = rates_to_widths(model.describe(), rc.rates, "resnet56")
+    cost = measure_cost(create_model("resnet56", shortcut="A", widths=widths), (3, 32, 32))
+    assert (cost.params, cost.macs) == (params, macs)
+
+
+def test_recipe_runner_refuses_a_broken_recipe_and_keeps_params(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    raw = _local(REPO / "recipes/chip-cifar10.yaml", tmp_path)
+    raw["chip_rates"]["r56-47"]["rates"] = "[0.]+[0.15]*2"
+    bad.write_text(yaml.safe_dump(raw))
+    before = (REPO / "params.yaml").read_text()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.recipe", str(bad)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "chip_rates.r56-47.rates: resnet56 takes 30 rates" in proc.stderr
+    assert (REPO / "params.yaml").read_text() == before
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(_local(REPO / "recipes/chip-cifar10.yaml", tmp_path)))
+    proc = subprocess.run([sys.executable, "-m", "pipelines.recipe", str(good), "--dry-run"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "valid" in proc.stdout
+
+
+def test_chipnet_resnet50_at_12_5_percent_volume_is_in_the_published_range():
+    """Published (learned gates): ResNet-50 on CIFAR-10 at 12.5% volume keeps ~2.8% params
+    and ~5.1% FLOPs. Random gates (seed 0) give 1.31% params and 1.46% FLOPs: every layer
+    then keeps about 12.5% of its channels, and a conv's cost goes with the product of its
+    input and output widths (~1.6%); learned gates keep more of the high-resolution early
+    channels, which cost volume and FLOPs alike, hence more FLOPs than params. Same order
+    of magnitude, and the budget itself is met exactly."""
+    import torch
+
+    from chipprune.budgets import BudgetModel
+    from chipprune.thresholding import keep_at_budget
+
+    bm = BudgetModel.from_model(create_model("resnet50", cifar_stem=True, num_classes=10),
+                                (3, 32, 32))
+    g = torch.Generator().manual_seed(0)
+    r = keep_at_budget({k: torch.rand(w, generator=g) for k, w in bm.dense_widths.items()},
+                       bm, "volume", 0.125)
+    widths = {k: int(v.sum()) for k, v in r.keep.items()}
+    assert 0.125 <= r.achieved <= 0.135
+    assert bm.fraction("params", widths) == pytest.approx(0.0131, abs=5e-5)
+    assert bm.fraction("flops", widths) == pytest.approx(0.0146, abs=5e-5)
