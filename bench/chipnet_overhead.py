@@ -38,8 +38,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--bn-recalibration-batches", type=int, default=4,
-                    help="as learn_masks.bn_recalibration_batches (default params: 4; 0 = off)")
+    ap.add_argument("--bn-recalibration-batches", type=int, default=2,
+                    help="as learn_masks.bn_recalibration_batches (default params: 2; 0 = off)")
     args = ap.parse_args()
 
     device = resolve_device(args.device)

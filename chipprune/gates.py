@@ -82,9 +82,13 @@ class ChannelGates(nn.Module):
         self.beta, self.gamma = sched.beta(epoch), sched.gamma(epoch)
         self.steep = sched.steepness(epoch_float)
 
+    def _zetas(self) -> list[nn.Parameter]:
+        # ParameterList's own indexing is slow Python; its dict holds them in order
+        return list(self.zeta._parameters.values())
+
     def _key(self) -> tuple:
         # zeta changes in place (optimiser steps bump its version) or the schedule moves
-        return (tuple(p._version for p in self.zeta), self.beta, self.gamma,
+        return (tuple(p._version for p in self._zetas()), self.beta, self.gamma,
                 torch.is_grad_enabled())
 
     def values(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,21 +96,24 @@ class ChannelGates(nn.Module):
         schedule and the grad mode are what they were when last computed."""
         key = self._key()
         if self._latest is None or self._latest[0] != key:
-            zeta = torch.cat(list(self.zeta))  # (N,)
+            zeta = torch.cat(self._zetas())  # (N,)
             psi = torch.sigmoid(self.beta * zeta)
             z = heaviside(psi, self.gamma)
             self._latest = (key, psi, z, z.split(self.sizes))
         return self._latest[1], self._latest[2]
 
     def _group_z(self, i: int) -> torch.Tensor:
-        self.values()
+        # inside a gated forward the pre-hook has just computed every gate
+        if self._latest is None:
+            self.values()
         return self._latest[3][i]
 
     def psi(self, i: int) -> torch.Tensor:
         return self.values()[0].split(self.sizes)[i]
 
     def z(self, i: int) -> torch.Tensor:
-        return self._group_z(i)
+        self.values()
+        return self._latest[3][i]
 
     def all_z(self) -> dict[str, torch.Tensor]:
         self.values()
