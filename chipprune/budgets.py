@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from chipprune.counting import forward_zero_image, measure_cost
+from chipprune.counting import conv_feature_sizes, measure_cost
 from chipprune.latency_table import LatencyTable
 from chipprune.models import Branch, PrunableNet
 
@@ -94,7 +94,8 @@ class BudgetModel:
         if latency is not None:
             latency.check_model(model, input_size)
         spec = model.describe()
-        areas = _output_areas(model, input_size)  # module name -> Hout * Wout
+        # conv name -> Hout * Wout
+        areas = {n: o[0] * o[1] for n, (_, o) in conv_feature_sizes(model, input_size).items()}
         conv_groups = {c.conv: (c.group, c.in_group) for c in spec.convs}
         conv_groups |= {f.conv: (None, f.in_group) for f in spec.fixed}  # outputs never pruned
         bn_groups = {c.bn: c.group for c in spec.convs}
@@ -203,18 +204,3 @@ def _is_depthwise(m: nn.Conv2d, group: str | None, in_group: str | None) -> bool
     return group is not None and group == in_group and m.groups == m.in_channels == m.out_channels
 
 
-def _output_areas(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, int]:
-    areas: dict[str, int] = {}
-    handles = [
-        m.register_forward_hook(
-            lambda _m, _i, out, name=name: areas.__setitem__(name, out.shape[-1] * out.shape[-2])
-        )
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d)
-    ]
-    try:
-        forward_zero_image(model, input_size)
-    finally:
-        for h in handles:
-            h.remove()
-    return areas

@@ -34,6 +34,28 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def conv_feature_sizes(
+    model: nn.Module, input_size: tuple[int, int, int]
+) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    """Conv name -> ((H, W) of its input, (H, W) of its output), from one zero-image forward."""
+    sizes: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
+
+    def hook(name):
+        def record(_m, inputs, out):
+            sizes[name] = (tuple(inputs[0].shape[-2:]), tuple(out.shape[-2:]))
+
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
+               if isinstance(m, nn.Conv2d)]
+    try:
+        forward_zero_image(model, input_size)
+    finally:
+        for h in handles:
+            h.remove()
+    return sizes
+
+
 def forward_zero_image(model: nn.Module, input_size: tuple[int, int, int]) -> None:
     """One eval-mode, no-grad forward of a zero image (C, H, W), for hooks to observe; the
     train/eval flags of every module are restored and no BN statistic changes."""

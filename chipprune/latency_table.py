@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from chipprune.config import ConfigError
+from chipprune.counting import conv_feature_sizes
 from chipprune.models import PrunableNet
 
 FORMAT = "chipprune.latency_table/1"
@@ -153,30 +154,10 @@ def monotone(ms: torch.Tensor) -> torch.Tensor:
     return ms.cummax(dim=0).values.cummax(dim=1).values
 
 
-def _conv_inputs(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, tuple[int, int]]:
-    """Conv name -> (H, W) of its input, from one forward of a zero image."""
-    from chipprune.counting import forward_zero_image
-
-    seen: dict[str, tuple[int, int]] = {}
-    handles = [
-        m.register_forward_hook(
-            lambda _m, inp, _out, name=name: seen.__setitem__(name, tuple(inp[0].shape[-2:]))
-        )
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d)
-    ]
-    try:
-        forward_zero_image(model, input_size)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
 def _layer_plan(model: PrunableNet, input_size: tuple[int, int, int]):
     """Per described conv: (name, group, in_group, dense in, dense out, op, when)."""
     spec = model.describe()
-    in_hw = _conv_inputs(model, input_size)
+    in_hw = {n: i for n, (i, _) in conv_feature_sizes(model, input_size).items()}
     when = {c: br.groups for br in spec.branches for c in (*br.convs, *br.also)}
     # the conv whose output a block adds to its shortcut: the last of its branch, writing
     # the stream (a group outside the branch's own) -- or a FixedConv the branch ends with

@@ -54,7 +54,7 @@ def test_two_gloo_processes_match_one_process(digits, tmp_path, capfd):
     rc = distributed.launch("tests._ddp_worker", [str(digits), str(tmp_path), *variants], 2, env)
     assert rc == 0
     ranks = {
-        v: [torch.load(tmp_path / f"{v}-rank{r}.pt", weights_only=False) for r in (0, 1)]
+        v: [torch.load(tmp_path / f"{v}-rank{r}.pt", weights_only=True) for r in (0, 1)]
         for v in variants
     }
 
