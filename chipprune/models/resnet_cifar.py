@@ -36,6 +36,18 @@ class BasicBlock(nn.Module):
         return self.relu2(out + self.shortcut(x))
 
 
+def describe_basic_block(
+    p: str, in_group: str, stage: str
+) -> tuple[list[PrunableConv], Branch]:
+    """The spec of a BasicBlock named `p` ("layer1.0."): conv1 alone in its group, conv2 in
+    the stage stream, and the removable branch they form."""
+    convs = [
+        PrunableConv(f"{p}conv1", f"{p}bn1", f"{p}conv1", in_group, f"{p}relu1"),
+        PrunableConv(f"{p}conv2", f"{p}bn2", stage, f"{p}conv1", f"{p}relu2"),
+    ]
+    return convs, Branch(p[:-1], (f"{p}conv1",), (f"{p}conv1", f"{p}conv2"))
+
+
 class CifarResNet(PrunableNet):
     """Groups: the stem `conv1` (option A: its own group; option B: in `layer1`, since
     layer1.0 adds the stem output unchanged), one group per stage stream `layer1..3`
@@ -74,11 +86,9 @@ class CifarResNet(PrunableNet):
                 p, st = f"{stage}.{b}.", stride if b == 0 else 1  # p: name prefix
                 mid = w(f"{p}conv1", planes, may_vanish=True)
                 if mid > 0:  # a removed branch has no convs to describe
-                    convs += [
-                        PrunableConv(f"{p}conv1", f"{p}bn1", f"{p}conv1", in_group, f"{p}relu1"),
-                        PrunableConv(f"{p}conv2", f"{p}bn2", stage, f"{p}conv1", f"{p}relu2"),
-                    ]
-                    branches.append(Branch(p[:-1], (f"{p}conv1",), (f"{p}conv1", f"{p}conv2")))
+                    block_convs, branch = describe_basic_block(p, in_group, stage)
+                    convs += block_convs
+                    branches.append(branch)
                 if option_a:
                     # 16 -> 32 planes: the input lands at original channels 8..23 (planes // 4)
                     offset = (planes - in_dense) // 2

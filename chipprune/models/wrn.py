@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .base import GroupWidths, PrunableNet
 from .registry import register_model
-from .resnet_cifar import BasicBlock
+from .resnet_cifar import BasicBlock, describe_basic_block
 from .spec import Branch, ModelSpec, PrunableConv
 
 
@@ -56,11 +56,9 @@ class WideResNet(PrunableNet):
                 p, st = f"{stage}.{b}.", stride if b == 0 else 1  # p: name prefix
                 mid = w(f"{p}conv1", planes, may_vanish=True)
                 if mid > 0:  # a removed branch has no convs to describe
-                    convs += [
-                        PrunableConv(f"{p}conv1", f"{p}bn1", f"{p}conv1", in_group, f"{p}relu1"),
-                        PrunableConv(f"{p}conv2", f"{p}bn2", stage, f"{p}conv1", f"{p}relu2"),
-                    ]
-                    branches.append(Branch(p[:-1], (f"{p}conv1",), (f"{p}conv1", f"{p}conv2")))
+                    block_convs, branch = describe_basic_block(p, in_group, stage)
+                    convs += block_convs
+                    branches.append(branch)
                 if st != 1 or in_dense != planes:
                     sc: nn.Module = nn.Sequential(
                         nn.Conv2d(in_width, width, 1, st, bias=False), nn.BatchNorm2d(width)
