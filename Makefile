@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	dvc repro
+	python -m pipelines.mlflow_server -- dvc repro
 	@cat results/report.md
 
 test: setup

@@ -1,8 +1,9 @@
-"""ChipNet, CHIP and the baselines against random masks over several seeds, at one budget
-target, through the real stage code (each stage's main, in process), from the pipeline's
-dense checkpoint. Prints test top-1 as mean and spread per method and budget type.
+"""ChipNet, CHIP and the baselines against random masks over several seeds, at given budgets,
+through the real stage code (each stage's main, in process), from the pipeline's dense
+checkpoint. Prints test top-1 as mean and spread per method and budget, and each method's
+paired difference to random (same seed, same fine-tuning draws).
 
-    python bench/seeds.py [--target 0.125] [--types flops params] [--seeds 0 1 2]
+    python bench/seeds.py [--budgets flops-0.125 params-0.125] [--seeds 0 1 2]
                           [--methods chipnet chip random] [--dataset digits] [--model resnet20]
 
 The seed moves everything a method draws: ChipNet's gate init and data order, CHIP's scoring
@@ -25,8 +26,7 @@ from stages import baseline_masks, evaluate, finetune, learn_masks, score_channe
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--target", default="0.125")
-    ap.add_argument("--types", nargs="+", default=["flops", "params"])
+    ap.add_argument("--budgets", nargs="+", default=["flops-0.125", "params-0.125"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=["chipnet", "chip", "random"])
     ap.add_argument("--dataset", default="digits")
@@ -45,36 +45,43 @@ def main() -> None:
         params["learn_masks"]["seed"] = params["baselines"]["seed"] = params["chip"]["seed"] = seed
         for recipe in params["finetune"].values():
             recipe["seed"] = seed
+        params["prune"].update(budgets=args.budgets, datasets=[args.dataset], models=[args.model])
+        params["transfer"]["pairs"] = {}
         pfile = work / f"params-{seed}.yaml"
         pfile.write_text(yaml.safe_dump(params))
         p = ["--params", str(pfile)]
-        scores = work / f"scores-{seed}"
-        if "chip" in args.methods:
-            score_channels.main([args.dataset, args.model, dense, data, str(scores), *p])
-        for kind in args.types:
+        point = f"{args.dataset}-{args.model}"
+        masks_root = {}  # method -> folder of <budget>-<dataset>-<model>/ mask folders
+        for method in args.methods:
+            masks_root[method] = work / f"{method}-{seed}"
+            if method == "chip":
+                scores = work / f"scores-{seed}"
+                score_channels.main([args.dataset, args.model, dense, data, str(scores / point), *p])
+                select_channels.main([str(scores), "runs/dense", "data/prepared",
+                                      str(masks_root[method]), *p])
+            elif method != "chipnet":
+                baseline_masks.main([method, "runs/dense", "data/prepared", str(masks_root[method]),
+                                     *p])
+        for budget in args.budgets:
             for method in args.methods:
-                masks = work / f"{method}-{kind}-{seed}"
+                masks = masks_root[method] / f"{budget}-{point}"
                 if method == "chipnet":
-                    learn_masks.main([args.dataset, args.model, kind, args.target, data, dense,
-                                      str(masks), *p])
-                elif method == "chip":
-                    select_channels.main([args.dataset, args.model, str(scores), dense, data,
-                                          str(masks), "--budget", kind, args.target])
-                else:
-                    baseline_masks.main([method, args.dataset, args.model, kind, args.target,
-                                         dense, data, str(masks), *p])
-                tuned = work / f"ft-{method}-{kind}-{seed}"
+                    learn_masks.main([args.dataset, args.model, budget, data, dense, str(masks), *p])
+                tuned = work / f"ft-{method}-{budget}-{seed}"
                 finetune.main([str(masks), dense, data, str(tuned), *p])
                 evaluate.main([str(tuned / "checkpoint.pt"), data, str(tuned / "eval"), *p])
                 m = json.loads((tuned / "eval/metrics.json").read_text())
-                top1.setdefault((method, kind), []).append(m["test_top1"])
+                top1.setdefault((method, budget), []).append(m["test_top1"])
 
-    print(f"\n{args.model} on {args.dataset}, target {args.target}, seeds {args.seeds}")
-    print(f"{'method':<10}{'budget':<8}{'top-1 mean':>12}{'stdev':>9}{'min':>9}{'max':>9}  runs")
-    for (method, kind), v in sorted(top1.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    print(f"\n{args.model} on {args.dataset}, seeds {args.seeds}")
+    print(f"{'method':<10}{'budget':<14}{'top-1 mean':>11}{'stdev':>8}{'min':>8}{'max':>8}"
+          f"{'vs random':>11}  runs")
+    for (method, budget), v in sorted(top1.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         sd = statistics.stdev(v) if len(v) > 1 else 0.0
-        print(f"{method:<10}{kind:<8}{statistics.mean(v):>12.4f}{sd:>9.4f}{min(v):>9.4f}"
-              f"{max(v):>9.4f}  {', '.join(f'{x:.4f}' for x in v)}")
+        ref = top1.get(("random", budget))
+        paired = f"{statistics.mean(a - b for a, b in zip(v, ref, strict=True)):+.4f}" if ref else "-"
+        print(f"{method:<10}{budget:<14}{statistics.mean(v):>11.4f}{sd:>8.4f}{min(v):>8.4f}"
+              f"{max(v):>8.4f}{paired:>11}  {', '.join(f'{x:.4f}' for x in v)}")
 
 
 if __name__ == "__main__":

@@ -5,12 +5,12 @@ is allowed; stages turn it into exit code 2 before writing anything."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DATASET_SOURCES = ("digits", "cifar10", "cifar100", "svhn", "imagefolder")
+DATASET_SOURCES = ("digits", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic")
 NEEDS_ROOT = ("cifar10", "cifar100", "svhn", "imagefolder")
 
 
@@ -27,8 +27,17 @@ class AugmentConfig(Strict):
     flip: bool = True
 
 
+class SyntheticConfig(Strict):
+    """Random images of a real dataset's shape (smoke runs of recipes: pipelines.smoke)."""
+
+    channels: int = Field(ge=1, le=64)
+    classes: int = Field(ge=2)
+    train: int = Field(ge=2)  # images before val is carved from them
+    test: int = Field(ge=1)
+
+
 class DatasetConfig(Strict):
-    source: Literal["digits", "cifar10", "cifar100", "svhn", "imagefolder"]
+    source: Literal["digits", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic"]
     root: str | None = None
     download: bool = False
     classes: list[int] | None = None
@@ -36,6 +45,7 @@ class DatasetConfig(Strict):
     seed: int = 0
     image_size: int | None = Field(None, ge=4, le=1024)
     augment: AugmentConfig = AugmentConfig()
+    synthetic: SyntheticConfig | None = None  # source synthetic only
 
     @field_validator("val_size")
     @classmethod
@@ -62,8 +72,11 @@ class DatasetConfig(Strict):
                 raise ValueError(
                     f"root {self.root!r} does not exist; point it at the data or set download: true"
                 )
-        if self.source == "imagefolder" and self.image_size is None:
-            raise ValueError("source 'imagefolder' needs `image_size`")
+        if self.source in ("imagefolder", "synthetic") and self.image_size is None:
+            raise ValueError(f"source {self.source!r} needs `image_size`")
+        if (self.source == "synthetic") != (self.synthetic is not None):
+            raise ValueError("`synthetic` (channels, classes, train, test) goes with, and only "
+                             "with, source 'synthetic'")
         return self
 
 
@@ -151,6 +164,9 @@ class LatencyConfig(Strict):
     batch_sizes: list[int] = [1, 256]
     warmup: int = Field(5, ge=0)
     repeats: int = Field(20, ge=1)
+    # the fastest of this many interleaved rounds of each median: load on a shared machine
+    # only adds time (one noisy round moved a ResNet-20's time by 50% here)
+    rounds: int = Field(3, ge=1)
     # a pruned model: also time its dense architecture in the same process -> speedup_bs<N>
     dense_reference: bool = True
 
@@ -181,6 +197,10 @@ class LatencyBudgetConfig(Strict):
     warmup: int = Field(3, ge=1)  # untimed forwards of each new module (its first is slow)
     repeats: int = Field(3, ge=1)  # forwards per timing (their median)
     rounds: int = Field(5, ge=1)  # passes over every grid point; the fastest is kept
+    # profile again (up to `attempts` in all) while the table's held-out check, a whole
+    # model at half the widths, misses its measured time by more than this fraction
+    max_check_error: float = Field(0.1, gt=0)
+    attempts: int = Field(3, ge=1)
 
 
 class DenseGrid(Strict):
@@ -192,26 +212,48 @@ class DenseGrid(Strict):
 BudgetType = Literal["channel", "volume", "params", "flops", "latency"]
 
 
+def parse_budget_label(label: str) -> tuple[str, float]:
+    """'flops-0.125' -> ('flops', 0.125). A budget is named so in params.yaml, in stage names
+    and in run folders: one string, so DVC can put it in a path as it is."""
+    kind, sep, target = str(label).partition("-")
+    allowed = ", ".join(get_args(BudgetType))
+    if not sep or not target:
+        raise ValueError(f"budget {label!r}: expected TYPE-TARGET, e.g. flops-0.125 (TYPE: {allowed})")
+    if kind not in get_args(BudgetType):
+        raise ValueError(f"budget {label!r}: type {kind!r} is not one of {allowed}")
+    try:
+        value = float(target)
+    except ValueError:
+        raise ValueError(f"budget {label!r}: target {target!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"budget {label!r}: target {value} must be in (0, 1]")
+    return kind, value
+
+
 class PruneGrid(Strict):
-    """The pruning grid dvc.yaml expands: datasets x models x budget types x targets."""
+    """The pruning grid dvc.yaml expands: methods x budgets x datasets x models."""
 
     # Every method fine-tuned and evaluated; `baselines` are those made by baseline_masks.
     methods: list[Literal["chipnet", "chip", "random", "l1", "uniform"]] = Field(min_length=1)
     baselines: list[Literal["random", "l1", "uniform"]] = []
     datasets: list[str] = Field(min_length=1)
     models: list[str] = Field(min_length=1)
-    budget_types: list[BudgetType] = Field(min_length=1)
-    targets: list[float] = Field(min_length=1)
+    # TYPE-TARGET each, e.g. [flops-0.5, flops-0.125, latency-0.5]: a list, not types x
+    # targets, because the types reach different floors (a latency table rarely goes below
+    # a fifth of the dense time, FLOPs go to a hundredth)
+    budgets: list[str] = Field(min_length=1)
     # Hardware-friendly widths: every method's thresholding keeps multiples of this many
     # channels per coupling group (or the dense width); 1 = any width.
     round_to: int = Field(1, ge=1, le=1024)
 
-    @field_validator("targets")
+    @field_validator("budgets")
     @classmethod
-    def _targets(cls, v: list[float]) -> list[float]:
-        bad = [t for t in v if not 0.0 < t <= 1.0]
-        if bad:
-            raise ValueError(f"budget targets must be in (0, 1], got {bad}")
+    def _budgets(cls, v: list[str]) -> list[str]:
+        for label in v:
+            parse_budget_label(label)
+        repeated = sorted({b for b in v if v.count(b) > 1})
+        if repeated:
+            raise ValueError(f"budgets listed twice: {repeated}")
         return v
 
     @model_validator(mode="after")
@@ -275,8 +317,13 @@ class TransferPair(Strict):
     """Masks a method learned on `teacher` applied to the same architecture on `student`."""
 
     method: Literal["chipnet", "chip", "random", "l1", "uniform"]
-    budget_type: BudgetType
-    target: float = Field(gt=0, le=1)
+    budget: str  # TYPE-TARGET, one of prune.budgets: the teacher's masks come from the grid
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v: str) -> str:
+        parse_budget_label(v)
+        return v
     teacher: str
     student: str
     model: str
@@ -362,6 +409,13 @@ class Params(Strict):
                                  "(DVC reads it as a key path)")
             if pair.teacher == pair.student:
                 raise ValueError(f"transfer.pairs.{name}: teacher and student are the same dataset")
+            p = self.prune
+            if p is None or pair.method not in p.methods or pair.budget not in p.budgets or (
+                    pair.teacher not in p.datasets or pair.model not in p.models):
+                raise ValueError(
+                    f"transfer.pairs.{name}: the teacher's masks come from the pruning grid: "
+                    f"{pair.method!r}, {pair.budget!r}, {pair.teacher!r} and {pair.model!r} must "
+                    "be in prune.methods, prune.budgets, prune.datasets and prune.models")
             if pair.student not in self.dense.datasets or pair.model not in self.dense.models:
                 raise ValueError(f"transfer.pairs.{name}: the student needs a dense model: add "
                                  f"{pair.student!r} to dense.datasets and {pair.model!r} to dense.models")
@@ -396,6 +450,16 @@ def _format(err: ValidationError, source: str) -> str:
         # Cross-section checks raise at the top level and name their keys themselves.
         lines.append(f"{source}: {msg}" if not e["loc"] else f"{source}: {key}: {msg}{got}")
     return "\n".join(lines)
+
+
+def has_key(params: Any, dotted: str) -> bool:
+    """Whether the raw params dict holds the dotted key ("a.b.c"), whatever its value."""
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:

@@ -155,8 +155,7 @@ def sweep(
     repo: str = ".",
     overrides: list[dict[str, Any]] | None = None,
     methods: list[str] | None = None,
-    budget_types: list[str] | None = None,
-    targets: list[float] | None = None,
+    budgets: list[str] | None = None,
     seeds: list[int] | None = None,
     jobs: int = 1,
     experiment: str = "chipprune",
@@ -170,8 +169,9 @@ def sweep(
 
     Give `overrides` (one dict of dotted params.yaml keys per experiment, e.g.
     `{"learn_masks.w_budget": 10}`; `+key` adds a key) or a grid: one experiment per
-    methods x budget_types x targets x seeds point (a missing axis keeps params.yaml's value;
-    a seed sets `learn_masks.seed` and `finetune.<method>.seed`). Every experiment's params
+    methods x budgets x seeds point (a budget is TYPE-TARGET, e.g. flops-0.25; a missing
+    axis keeps params.yaml's value; a seed sets `learn_masks.seed` and
+    `finetune.<method>.seed`). Every experiment's params
     go through chipprune.config before anything runs.
 
     Each experiment is `dvc repro` in its own temporary copy of the repo that shares the
@@ -182,7 +182,7 @@ def sweep(
     """
     root = Path(repo).resolve()
     experiments = overrides or sweep_tasks.grid_overrides(
-        root, methods=methods, budget_types=budget_types, targets=targets, seeds=seeds
+        root, methods=methods, budgets=budgets, seeds=seeds
     )
     checked = sweep_tasks.validate_overrides(str(root), experiments)
     sweep_run = open_parent_run(

@@ -24,7 +24,7 @@ import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from chipprune.config import ConfigError, parse_params
+from chipprune.config import ConfigError, has_key, parse_params
 from pipelines.tasks import dvc, run_cli, tool_env
 
 # What a grid's seed sets, where params.yaml has the key: the mask seeds of every method
@@ -90,43 +90,32 @@ def overridden_params(repo: Path, overrides: dict[str, Any]) -> dict[str, Any]:
 def grid_overrides(
     repo: str | Path,
     methods: list[str] | None = None,
-    budget_types: list[str] | None = None,
-    targets: list[float] | None = None,
+    budgets: list[str] | None = None,
     seeds: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """One override dict per methods x budget_types x targets x seeds point; an axis left
-    out keeps params.yaml's value. A seed sets each of SEED_KEYS that params.yaml has."""
-    if not any((methods, budget_types, targets, seeds)):
+    """One override dict per methods x budgets x seeds point (a budget is TYPE-TARGET, as in
+    prune.budgets); an axis left out keeps params.yaml's value. A seed sets each of
+    SEED_KEYS that params.yaml has."""
+    if not any((methods, budgets, seeds)):
         raise ConfigError("sweep: give `overrides` or at least one grid axis")
     params = yaml.safe_load((Path(repo) / "params.yaml").read_text()) or {}
     prune = params.get("prune") or {}
     points = []
-    for method, btype, target, seed in itertools.product(
-        methods or [None], budget_types or [None], targets or [None], seeds or [None]
+    for method, budget, seed in itertools.product(
+        methods or [None], budgets or [None], seeds or [None]
     ):
         point: dict[str, Any] = {}
         if method is not None:
             point["prune.methods"] = [method]
-        if btype is not None:
-            point["prune.budget_types"] = [btype]
-        if target is not None:
-            point["prune.targets"] = [target]
+        if budget is not None:
+            point["prune.budgets"] = [budget]
         if seed is not None:
             for key in SEED_KEYS:
                 for m in [method] if method else prune.get("methods") or []:
-                    if _has_key(params, key.format(method=m)):
+                    if has_key(params, key.format(method=m)):
                         point[key.format(method=m)] = seed
         points.append(point)
     return points
-
-
-def _has_key(params: dict[str, Any], dotted: str) -> bool:
-    node: Any = params
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
 
 
 @task(cache_policy=NO_CACHE)

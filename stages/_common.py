@@ -9,6 +9,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +17,18 @@ import torch
 
 from chipprune import distributed, tracking
 from chipprune.checkpoint import CheckpointError
-from chipprune.config import ConfigError, DistributedConfig
+from chipprune.config import ConfigError, DistributedConfig, parse_budget_label
 from chipprune.data import DataFileError
 from chipprune.masks import MaskError
 from chipprune.tracking import TrackingUnreachable
 
 
-def parse_budget(kind: str, target: str) -> float:
-    """Budget type and target from argv (DVC matrix values), as a ConfigError if bad."""
-    from chipprune.budgets import BUDGET_TYPES
-
-    if kind not in BUDGET_TYPES:
-        raise ConfigError(f"budget type {kind!r}: allowed {', '.join(BUDGET_TYPES)}")
+def parse_budget(label: str) -> tuple[str, float]:
+    """A budget from argv (a DVC matrix value, TYPE-TARGET), as a ConfigError if bad."""
     try:
-        value = float(target)
-    except ValueError:
-        raise ConfigError(f"budget target {target!r} is not a number") from None
-    if not 0.0 < value <= 1.0:
-        raise ConfigError(f"budget target {value} must be in (0, 1]")
-    return value
+        return parse_budget_label(label)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 USER_ERRORS = (
@@ -98,3 +92,47 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+@dataclass
+class GridPoint:
+    """One budget x dataset x model of the pruning grid, read and ready for thresholding."""
+
+    name: str  # <budget>-<dataset>-<model>, the run folder's name
+    dataset: str
+    model_name: str
+    dense: dict[str, Any]  # the dense checkpoint
+    model: Any  # the dense PrunableNet
+    budget: Any  # its BudgetModel, with the latency table when the budget is latency
+    kind: str
+    target: float
+    table: Any  # the LatencyTable, or None
+
+
+def grid_points(params: Any, dense_root: str | Path, data_root: str | Path,
+                latency_root: str | Path) -> list[GridPoint]:
+    """Every point of params.prune's grid, from <dense_root>/<dataset>-<model>/checkpoint.pt,
+    <data_root>/<dataset> and the latency tables under `latency_root`: all read before any
+    work, so a missing file fails before an MLflow run opens or an output is written."""
+    import itertools
+
+    from chipprune.budgets import BudgetModel
+    from chipprune.checkpoint import load_checkpoint, model_from_checkpoint
+    from chipprune.data import load_prepared
+    from chipprune.latency_table import table_for_budget, table_path
+
+    grid, lb = params.prune, params.latency_budget
+    budgets = [(label, *parse_budget(label)) for label in grid.budgets]
+    points = []
+    for dataset, model_name in itertools.product(grid.datasets, grid.models):
+        ckpt = Path(dense_root) / f"{dataset}-{model_name}" / "checkpoint.pt"
+        dense = load_checkpoint(ckpt)
+        model = model_from_checkpoint(dense, ckpt)
+        shape = tuple(load_prepared(Path(data_root) / dataset, splits=()).meta["image_shape"])
+        for label, kind, target in budgets:
+            path = table_path(lb.device, lb.batch_size, dataset, model_name, latency_root)
+            table = table_for_budget(kind, path, lb, dataset, model_name)
+            points.append(GridPoint(f"{label}-{dataset}-{model_name}", dataset, model_name, dense,
+                                    model, BudgetModel.from_model(model, shape, latency=table),
+                                    kind, target, table))
+    return points

@@ -1,71 +1,70 @@
-"""DVC stage `baseline_masks`: random, L1-norm or uniform masks from the dense checkpoint at
-one budget, through the same thresholding as every method.
+"""DVC stage `baseline_masks`: one baseline's masks (random, L1-norm or uniform) for the whole
+pruning grid, prune.budgets x prune.datasets x prune.models, through the same thresholding
+as every method. One stage per baseline, not per budget: a mask costs milliseconds, a stage
+process seconds (torch and MLflow imports).
 
-    python -m stages.baseline_masks <method> <dataset> <model> <budget_type> <target> <dense_ckpt> <data_dir> <out_dir>
+    python -m stages.baseline_masks <method> <dense_root> <data_root> <out_dir>
+
+Reads <dense_root>/<dataset>-<model>/checkpoint.pt and <data_root>/<dataset>; writes
+<out_dir>/<budget>-<dataset>-<model>/masks.json for every grid point and one MLflow run
+(<out_dir>/mlflow_run.json); a latency budget reads the profile_latency table of its
+dataset and model under --latency-root. The folder is built aside and replaces <out_dir>
+when complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from chipprune import tracking
 from chipprune.baselines import BASELINES, baseline_scores
-from chipprune.budgets import BudgetModel
-from chipprune.checkpoint import load_checkpoint, model_from_checkpoint
 from chipprune.config import ConfigError, load_params
-from chipprune.data import load_prepared
-from chipprune.latency_table import latency_budget_doc, table_for_budget
+from chipprune.latency_table import TABLE_ROOT, latency_budget_doc
 from chipprune.masks import masks_from_keep, save_masks
 from chipprune.thresholding import keep_at_budget
-from stages._common import parse_budget, run_main
+from stages._common import atomic_dir, grid_points, run_main
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="stages.baseline_masks", description=__doc__)
-    for a in ("method", "dataset", "model", "budget_type", "target", "dense_ckpt", "data_dir", "out_dir"):
+    ap = argparse.ArgumentParser(prog="stages.baseline_masks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    for a in ("method", "dense_root", "data_root", "out_dir"):
         ap.add_argument(a)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--latency-table", help="budget type latency: the profile_latency table "
-                    "(default: runs/latency/<device>-bs<batch>-<dataset>-<model>/table.json)")
+    ap.add_argument("--latency-root", default=str(TABLE_ROOT),
+                    help="where profile_latency wrote its tables (latency budgets only)")
     args = ap.parse_args(argv)
 
     params = load_params(args.params)
     if args.method not in BASELINES:
         raise ConfigError(f"baseline {args.method!r}: allowed {', '.join(BASELINES)}")
-    target = parse_budget(args.budget_type, args.target)
-    dense = load_checkpoint(args.dense_ckpt)
-    model = model_from_checkpoint(dense, args.dense_ckpt)
-    meta = load_prepared(Path(args.data_dir), splits=()).meta
-    table = table_for_budget(args.budget_type, args.latency_table, params.latency_budget,
-                             args.dataset, args.model)  # None unless the budget is latency
-    budget = BudgetModel.from_model(model, tuple(meta["image_shape"]), latency=table)
+    grid = params.prune
+    if grid is None:
+        raise ConfigError(f"{args.params}: no `prune` section, so no grid to make masks for")
     seed = params.baselines.seed
+    points = grid_points(params, args.dense_root, args.data_root, args.latency_root)
 
-    name = f"baseline_masks@{args.method}-{args.budget_type}-{args.target}-{args.dataset}-{args.model}"
-    config = {"method": args.method, "budget": {"type": args.budget_type, "target": target},
-              "seed": seed, "dataset": args.dataset, "model": args.model}
-    out = Path(args.out_dir)
-    with tracking.stage_run(name, config, out / "mlflow_run.json",
-                            inputs={"dense_checkpoint": args.dense_ckpt,
-                                    **({"latency_table": table.source} if table else {})}):
+    name = f"baseline_masks@{args.method}"
+    config = {"method": args.method, "budgets": grid.budgets, "datasets": grid.datasets,
+              "models": grid.models, "round_to": grid.round_to, "seed": seed}
+    with atomic_dir(args.out_dir) as tmp, tracking.stage_run(name, config, tmp / "mlflow_run.json"):
         import mlflow
 
-        result = keep_at_budget(baseline_scores(args.method, model, seed), budget,
-                                args.budget_type, target,
-                                round_to=params.prune.round_to if params.prune else 1)
-        masks = masks_from_keep(
-            dense["model_name"], dense["model_kwargs"], model.describe(), result.keep,
-            dataset=args.dataset, method=args.method,
-            budget={"type": args.budget_type, "target": target, "achieved": result.achieved,
-                    **latency_budget_doc(table, result.achieved)},
-            extra={"seed": seed},
-        )
-        save_masks(masks, out / "masks.json")
-        mlflow.log_artifact(str(out / "masks.json"))
-        mlflow.log_metric("achieved_budget", result.achieved)
-    print(f"{name}: budget {result.achieved:.4f} (target {target})", flush=True)
+        for p in points:
+            result = keep_at_budget(baseline_scores(args.method, p.model, seed), p.budget, p.kind,
+                                    p.target, round_to=grid.round_to)
+            masks = masks_from_keep(
+                p.dense["model_name"], p.dense["model_kwargs"], p.model.describe(), result.keep,
+                dataset=p.dataset, method=args.method,
+                budget={"type": p.kind, "target": p.target, "achieved": result.achieved,
+                        **latency_budget_doc(p.table, result.achieved)},
+                extra={"seed": seed},
+            )
+            save_masks(masks, tmp / p.name / "masks.json")
+            mlflow.log_artifact(str(tmp / p.name / "masks.json"), artifact_path=p.name)
+            mlflow.log_metric(f"achieved_budget/{p.name}", result.achieved)
+            print(f"{name}: {p.name} budget {result.achieved:.4f} (target {p.target})", flush=True)
 
 
 if __name__ == "__main__":

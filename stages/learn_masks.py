@@ -1,8 +1,8 @@
-"""DVC stage `learn_masks`: ChipNet on a dense checkpoint at one budget (type, target).
+"""DVC stage `learn_masks`: ChipNet on a dense checkpoint at one budget (TYPE-TARGET, e.g. flops-0.125).
 Writes masks.json, the best hard-mask checkpoint (learned weights, dense architecture),
 a per-epoch CSV for `dvc plots`, a PNG of gate values, and an MLflow run.
 
-    python -m stages.learn_masks <dataset> <model> <budget_type> <target> <data_dir> <dense_ckpt> <out_dir>
+    python -m stages.learn_masks <dataset> <model> <budget> <data_dir> <dense_ckpt> <out_dir>
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from stages.train_dense import history_csv
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="stages.learn_masks", description=__doc__)
-    for a in ("dataset", "model", "budget_type", "target", "data_dir", "dense_ckpt", "out_dir"):
+    for a in ("dataset", "model", "budget", "data_dir", "dense_ckpt", "out_dir"):
         ap.add_argument(a)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--latency-table", help="budget type latency: the profile_latency table "
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params.learn_masks
     if args.dataset not in params.datasets:
         raise ConfigError(f"datasets.{args.dataset}: not defined in {args.params}")
-    target = parse_budget(args.budget_type, args.target)
+    kind, target = parse_budget(args.budget)
     augment = params.datasets[args.dataset].augment
     device = start_ranks("stages.learn_masks", argv, cfg.distributed, resolve_device(cfg.device))
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(cfg.seed, device)
     model = model_from_checkpoint(dense, args.dense_ckpt).to(device)
     shape = tuple(meta["image_shape"])
-    table = table_for_budget(args.budget_type, args.latency_table, params.latency_budget,
+    table = table_for_budget(kind, args.latency_table, params.latency_budget,
                              args.dataset, args.model)  # None unless the budget is latency
     budget = BudgetModel.from_model(model, shape, latency=table)
     gates = ChannelGates.for_model(model, generator=torch.Generator().manual_seed(cfg.seed))
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     train = DeviceData.from_split(data.splits["train"], meta, device)
     val = DeviceData.from_split(data.splits["val"], meta, device)
 
-    name = f"learn_masks@{args.budget_type}-{args.target}-{args.dataset}-{args.model}"
+    name = f"learn_masks@{args.budget}-{args.dataset}-{args.model}"
     config = {
-        "learn_masks": cfg.model_dump(), "budget": {"type": args.budget_type, "target": target},
+        "learn_masks": cfg.model_dump(), "budget": {"type": kind, "target": target},
         "dataset": args.dataset, "model": args.model, "augment": augment.model_dump(),
     }
     if table is not None:  # a new table is a new budget: part of the resume fingerprint too
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         channels_last=cfg.channels_last, bf16=cfg.bf16, distributed=cfg.distributed,
     )
     hooks = ChipNetHooks(
-        model, gates, budget, args.budget_type, target, val,
+        model, gates, budget, kind, target, val,
         w_budget=cfg.w_budget, w_crisp=cfg.w_crisp, eval_batch_size=cfg.eval_batch_size,
         calibration=train, calibration_batches=cfg.bn_recalibration_batches,
         round_to=params.prune.round_to if params.prune else 1,
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         masks = masks_from_keep(
             dense["model_name"], dense["model_kwargs"], model.describe(), best.keep,
             dataset=args.dataset, method="chipnet",
-            budget={"type": args.budget_type, "target": target, "achieved": best.achieved,
+            budget={"type": kind, "target": target, "achieved": best.achieved,
                     **latency_budget_doc(table, best.achieved)},
             # `weights` makes finetune start from the learned weights (the authors' way);
             # without it finetune slices the dense checkpoint (finetune_from: dense)

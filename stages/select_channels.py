@@ -1,15 +1,20 @@
-"""DVC stage `select_channels`: CHIP masks from channel-independence scores, either at a
-global budget (type, target) or from the authors' per-layer rates.
+"""DVC stage `select_channels`: CHIP masks from channel-independence scores at every budget
+of the pruning grid (prune.budgets x prune.datasets x prune.models), in one process: a
+selection costs milliseconds, a stage process seconds.
 
-    python -m stages.select_channels <dataset> <model> <scores_dir> <dense_ckpt> <data_dir> <out_dir> \\
-        (--budget TYPE TARGET | --rates "[0.]+[0.15]*2+[0.4]*27" | --rate-config NAME)
+    python -m stages.select_channels <scores_root> <dense_root> <data_root> <out_dir>
 
-`--rate-config NAME` reads the rates of `chip_rates.NAME` in params.yaml (the DVC stages).
+Reads <scores_root>/<dataset>-<model>/scores.json (stage score_channels),
+<dense_root>/<dataset>-<model>/checkpoint.pt and <data_root>/<dataset>; writes
+<out_dir>/<budget>-<dataset>-<model>/masks.json and one MLflow run (<out_dir>/mlflow_run.json);
+a latency budget reads the profile_latency table of its dataset and model under
+--latency-root. The folder is built aside and replaces <out_dir> when complete.
 
 At a budget, CHIP keeps the same rate in every layer (the authors' configurations are near
 uniform), met exactly from above by the shared thresholding; within a layer, the channels
 of largest CI are kept. Channels coupled by residual adds share one selection: the sum of
-their maps' CI (the authors' code selects each block output on its own).
+their maps' CI (the authors' code selects each block output on its own). The authors'
+per-layer rates are stage `select_rates`.
 """
 
 from __future__ import annotations
@@ -23,87 +28,61 @@ import torch
 
 from chipprune import tracking
 from chipprune.baselines import uniform_scores
-from chipprune.budgets import BudgetModel
-from chipprune.checkpoint import load_checkpoint, model_from_checkpoint
-from chipprune.chip import rates_to_widths, select_top
 from chipprune.config import ConfigError, load_params
-from chipprune.data import load_prepared
-from chipprune.latency_table import latency_budget_doc, table_for_budget
+from chipprune.latency_table import TABLE_ROOT, latency_budget_doc
 from chipprune.masks import masks_from_keep, save_masks
 from chipprune.thresholding import keep_at_budget
-from stages._common import parse_budget, run_main
+from stages._common import atomic_dir, grid_points, run_main
+
+
+def load_scores(scores_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Per coupling group, the CI score of each channel (float64), from scores.json."""
+    path = Path(scores_dir) / "scores.json"
+    try:
+        doc = json.loads(path.read_text())
+        return {g: torch.tensor(v, dtype=torch.float64) for g, v in doc["groups"].items()}
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{path}: not a scores file ({e})") from None
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="stages.select_channels", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    for a in ("dataset", "model", "scores_dir", "dense_ckpt", "data_dir", "out_dir"):
+    for a in ("scores_root", "dense_root", "data_root", "out_dir"):
         ap.add_argument(a)
-    mode = ap.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--budget", nargs=2, metavar=("TYPE", "TARGET"))
-    mode.add_argument("--rates", help="per-layer rates, a list or the authors' string form")
-    mode.add_argument("--rate-config", help="a name under chip_rates in params.yaml")
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--latency-table", help="--budget latency: the profile_latency table "
-                    "(default: runs/latency/<device>-bs<batch>-<dataset>-<model>/table.json)")
+    ap.add_argument("--latency-root", default=str(TABLE_ROOT),
+                    help="where profile_latency wrote its tables (latency budgets only)")
     args = ap.parse_args(argv)
-    rates_key = "--rates"
-    if args.rate_config:
-        configs = load_params(args.params).chip_rates
-        if args.rate_config not in configs:
-            raise ConfigError(f"chip_rates.{args.rate_config}: not defined in {args.params}; "
-                              f"defined: {sorted(configs)}")
-        args.rates, rates_key = configs[args.rate_config].rates, f"chip_rates.{args.rate_config}"
 
-    scores_path = Path(args.scores_dir) / "scores.json"
-    try:
-        scores_doc = json.loads(scores_path.read_text())
-        groups = {g: torch.tensor(v, dtype=torch.float64) for g, v in scores_doc["groups"].items()}
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"{scores_path}: not a scores file ({e})") from None
-    dense = load_checkpoint(args.dense_ckpt)
-    model = model_from_checkpoint(dense, args.dense_ckpt)
-    spec = model.describe()
-    meta = load_prepared(Path(args.data_dir), splits=()).meta
+    params = load_params(args.params)
+    grid = params.prune
+    if grid is None:
+        raise ConfigError(f"{args.params}: no `prune` section, so no grid to select for")
+    points = grid_points(params, args.dense_root, args.data_root, args.latency_root)
+    scores = {pair: load_scores(Path(args.scores_root) / pair)  # read before any work too
+              for pair in {f"{p.dataset}-{p.model_name}" for p in points}}
 
-    if args.budget:
-        kind, target = args.budget[0], parse_budget(*args.budget)
-        params = load_params(args.params)
-        table = table_for_budget(kind, args.latency_table, params.latency_budget, args.dataset,
-                                 args.model)  # None unless the budget is latency
-        budget = BudgetModel.from_model(model, tuple(meta["image_shape"]), latency=table)
-        grid = params.prune
-        result = keep_at_budget(uniform_scores(groups), budget, kind, target,
-                                round_to=grid.round_to if grid else 1)
-        keep, achieved = result.keep, result.achieved
-        budget_doc = {"type": kind, "target": target, "achieved": achieved,
-                      **latency_budget_doc(table, achieved)}
-        label = f"{kind}-{target}"
-    else:
-        try:
-            widths = rates_to_widths(spec, args.rates, dense["model_name"])
-        except ValueError as e:
-            raise ConfigError(f"{rates_key}: {e}") from None
-        keep = select_top(groups, widths)
-        budget_doc = {"type": "rates", "target": None, "achieved": None}
-        if args.rate_config:
-            budget_doc["config"] = args.rate_config
-        label = f"rates-{args.rate_config}" if args.rate_config else "rates"
-
-    name = f"select_channels@chip-{label}-{args.dataset}-{args.model}"
-    out = Path(args.out_dir)
-    with tracking.stage_run(name, {"budget": budget_doc, "rates": args.rates},
-                            out / "mlflow_run.json", inputs={"scores": scores_path}):
+    config = {"budgets": grid.budgets, "datasets": grid.datasets, "models": grid.models,
+              "round_to": grid.round_to}
+    with atomic_dir(args.out_dir) as tmp, \
+            tracking.stage_run("select_channels", config, tmp / "mlflow_run.json"):
         import mlflow
 
-        masks = masks_from_keep(
-            dense["model_name"], dense["model_kwargs"], spec, keep, dataset=args.dataset,
-            method="chip", budget=budget_doc, extra={"rates": args.rates} if args.rates else {},
-        )
-        save_masks(masks, out / "masks.json")
-        mlflow.log_artifact(str(out / "masks.json"))
-    print(f"{name}: {sum(len(v) for v in masks.kept.values())} channels kept, "
-          f"budget {budget_doc['achieved']}", flush=True)
+        for p in points:
+            result = keep_at_budget(uniform_scores(scores[f"{p.dataset}-{p.model_name}"]),
+                                    p.budget, p.kind, p.target, round_to=grid.round_to)
+            masks = masks_from_keep(
+                p.dense["model_name"], p.dense["model_kwargs"], p.model.describe(), result.keep,
+                dataset=p.dataset, method="chip",
+                budget={"type": p.kind, "target": p.target, "achieved": result.achieved,
+                        **latency_budget_doc(p.table, result.achieved)},
+            )
+            save_masks(masks, tmp / p.name / "masks.json")
+            mlflow.log_artifact(str(tmp / p.name / "masks.json"), artifact_path=p.name)
+            mlflow.log_metric(f"achieved_budget/{p.name}", result.achieved)
+            print(f"select_channels: chip {p.name}: {sum(len(v) for v in masks.kept.values())} "
+                  f"channels kept, budget {result.achieved:.4f} (target {p.target})", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,17 @@ from tests.test_config import BAD, _with
 
 # Beyond test_config's table: the pruning grid, CHIP rate configurations, transfer pairs.
 MORE = [
-    ("prune.targets", [0.0], "prune.targets", "(0, 1]"),
-    ("prune.targets", [1.5], "prune.targets", "(0, 1]"),
+    ("prune.budgets", ["flops-0"], "prune.budgets", "(0, 1]"),
+    ("prune.budgets", ["flops-1.5"], "prune.budgets", "(0, 1]"),
+    ("prune.budgets", ["flops"], "prune.budgets", "expected TYPE-TARGET"),
+    ("prune.budgets", ["flops-half"], "prune.budgets", "is not a number"),
+    ("prune.budgets", ["flops-0.5", "flops-0.5"], "prune.budgets", "listed twice"),
+    ("transfer.pairs.digits-to-even-scratch.budget", "flops-0.25", "transfer.pairs",
+     "come from the pruning grid"),
     ("prune.methods", ["chipnet", "magic"], "prune.methods", "'chipnet'"),
     ("prune.models", ["resnet9000"], "prune", "'resnet9000' is not defined"),
     ("prune.datasets", ["mnist"], "prune", "'mnist' is not defined"),
-    ("prune.budget_types", ["joules"], "prune.budget_types", "'channel'"),
+    ("prune.budgets", ["joules-0.5"], "prune.budgets", "'joules' is not one of channel"),
     ("learn_masks.gate_lr", 0, "learn_masks.gate_lr", "greater than 0"),
     ("learn_masks.finetune_from", "teacher", "learn_masks.finetune_from", "'learned'"),
     ("chip_rates.r20-light.rates", "[0.]+[0.15]*2+[0.4]*27", "chip_rates.r20-light.rates",

@@ -37,6 +37,9 @@ def _with(path: str, value):
 DELETE = object()
 
 BAD = [
+    ("datasets.digits.synthetic", {"channels": 1, "classes": 10, "train": 8, "test": 4},
+     "datasets.digits", "only with, source 'synthetic'"),
+    ("datasets.digits.source", "synthetic", "datasets.digits", "only with, source 'synthetic'"),
     ("train_dense.epochs", 0, "train_dense.epochs", "greater than or equal to 1"),
     ("train_dense.epochs", "ten", "train_dense.epochs", "valid integer"),
     ("train_dense.optimizer.lr", -0.1, "train_dense.optimizer.lr", "greater than 0"),

@@ -275,8 +275,8 @@ def test_sweep_rejects_bad_params_before_running_anything(repo):
     from chipprune.config import ConfigError
     from pipelines.flows import sweep
 
-    state = sweep(repo=str(repo), targets=[0.5, 1.5], return_state=True)
-    with pytest.raises(ConfigError, match=r"prune\.targets.*\(0, 1\]"):
+    state = sweep(repo=str(repo), budgets=["flops-0.125", "flops-1.5"], return_state=True)
+    with pytest.raises(ConfigError, match=r"prune\.budgets.*\(0, 1\]"):
         state.result()
     state = sweep(repo=str(repo), overrides=[{"learn_mask.seed": 1}], return_state=True)
     with pytest.raises(ConfigError, match="learn_mask"):

@@ -40,11 +40,10 @@ def repo(tmp_path_factory):
     params["chip"].update(batches=2, batch_size=32)
     params["transfer"]["recipe"]["epochs"] = 1
     params["transfer"]["pairs"] = {"to-even": {
-        "method": "chipnet", "budget_type": "flops", "target": 0.5, "teacher": "digits",
+        "method": "chipnet", "budget": "flops-0.5", "teacher": "digits",
         "student": "digits_even", "model": "resnet20", "protocol": "dense"}}
     params["prune"].update(
-        methods=["chipnet", "chip", "random"], baselines=["random"], budget_types=["flops"],
-        targets=[0.5],
+        methods=["chipnet", "chip", "random"], baselines=["random"], budgets=["flops-0.5"],
     )
     params["evaluate"]["latency"] = {"batch_sizes": [1, 8], "warmup": 1, "repeats": 2}
     params["latency_budget"].update(batch_size=8, step=16, warmup=1, repeats=1, rounds=1)
@@ -86,7 +85,7 @@ def test_every_executed_stage_has_an_mlflow_run(repo):
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["chipprune"])
     assert sorted(runs["tags.mlflow.runName"]) == [
-        "baseline_masks@random-flops-0.5-digits-resnet20",
+        "baseline_masks@random",
         "evaluate@chip-flops-0.5-digits-resnet20",
         "evaluate@chip-rates-r20-light",
         "evaluate@chipnet-flops-0.5-digits-resnet20",
@@ -104,8 +103,8 @@ def test_every_executed_stage_has_an_mlflow_run(repo):
         "profile_latency@digits-resnet20",
         "report",
         "score_channels@digits-resnet20",
-        "select_channels@chip-flops-0.5-digits-resnet20",
-        "select_channels@chip-rates-r20-light-digits-resnet20",
+        "select_channels",
+        "select_rates@chip-rates-r20-light-digits-resnet20",
         "train_dense@digits-resnet20",
         "train_dense@digits_even-resnet20",
         "transfer_masks@to-even",
@@ -179,6 +178,7 @@ def test_transfer_refuses_masks_of_another_architecture(repo, tmp_path):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["models"]["resnet32"] = {"arch": "resnet32", "kwargs": {"shortcut": "A"}}
     params["dense"]["models"].append("resnet32")
+    params["prune"]["models"].append("resnet32")  # the pair's model must be in the grid
     params["transfer"]["pairs"]["to-even"]["model"] = "resnet32"
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(params))
