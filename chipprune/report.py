@@ -7,13 +7,28 @@ import re
 
 import pandas as pd
 
+from chipprune.published import published_for
 from chipprune.records import budget_label
 
 COLUMNS = [
     "method", "dataset", "teacher", "protocol", "model", "budget_type", "target",
     "params_fraction", "macs_fraction", "top1", "delta_top1", "latency_ms",
     "speedup", "speedup_per_macs_reduction",
+    "published_top1", "published_params_fraction", "published_macs_fraction",
 ]
+PUBLISHED_FIELDS = ("top1", "params_fraction", "macs_fraction")
+
+
+def _published(row: pd.Series) -> list[float]:
+    """The paper's figures for a row's configuration (NaN where none): a budget row matches
+    on TYPE-TARGET, a rates row on rates:<name>; transfers never match."""
+    kind, target = row["budget_type"], row["target"]
+    budget = kind if kind.startswith("rates:") or target is None or target != target else (
+        f"{kind}-{target}")
+    pub = None if row["teacher"] else published_for(row["method"], row["dataset"], row["model"],
+                                                    budget)
+    return [float("nan") if pub is None or getattr(pub, f) is None else getattr(pub, f)
+            for f in PUBLISHED_FIELDS]
 
 
 def latency_key(records: list[dict]) -> str | None:
@@ -32,6 +47,7 @@ def build_table(records: list[dict], latency_field: str | None = None) -> pd.Dat
 
     delta_top1 and speedup are against the dense model of the same dataset and architecture;
     speedup / (1 / macs_fraction) says how much of the MACs reduction the hardware delivers.
+    published_*: the paper's figures for the row's configuration (chipprune.published).
     """
     latency_field = latency_field or (latency_key(records) if records else None)
     rows = []
@@ -56,6 +72,9 @@ def build_table(records: list[dict], latency_field: str | None = None) -> pd.Dat
     df["delta_top1"] = df["top1"] - pd.Series(ref("top1"), index=df.index)
     df["speedup"] = pd.Series(ref("latency_ms"), index=df.index) / df["latency_ms"]
     df["speedup_per_macs_reduction"] = df["speedup"] * df["macs_fraction"]
+    published = pd.DataFrame([_published(r) for _, r in df.iterrows()], index=df.index,
+                             columns=[f"published_{f}" for f in PUBLISHED_FIELDS], dtype=float)
+    df = pd.concat([df, published], axis=1)
     order = {"dense": 0}
     df["_m"] = df["method"].map(lambda m: order.get(m, 1))
     df = df.sort_values(["dataset", "model", "_m", "teacher", "budget_type", "target", "method",

@@ -88,10 +88,11 @@ def keep_at_budget(
     rest = order[~forced[order]]
 
     def widths_at(m: int) -> dict[str, int]:
-        counts = torch.bincount(gid[forced], weights=size[forced].double(),
-                                minlength=len(groups))
-        counts += torch.bincount(gid[rest[:m]], weights=size[rest[:m]].double(),
-                                 minlength=len(groups))
+        # index_add, not bincount: bincount of an empty index (no forced unit, when every
+        # group may vanish, as in PreResNet-164) returns int64 whatever the weights
+        counts = torch.zeros(len(groups), dtype=torch.float64)
+        counts.index_add_(0, gid[forced], size[forced].double())
+        counts.index_add_(0, gid[rest[:m]], size[rest[:m]].double())
         return {g: int(c) for g, c in zip(groups, counts, strict=True)}
 
     def value(m: int) -> float:

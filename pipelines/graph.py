@@ -17,6 +17,7 @@ class StageSpec:
     name: str  # DVC's address, e.g. "train_dense@digits-resnet20"
     upstream: tuple[str, ...]  # the planned stages it depends on directly
     run_id_files: tuple[str, ...]  # its `mlflow_run.json` outs, relative to the repo root
+    cmd: str = ""  # the command DVC resolved from dvc.yaml and params.yaml
 
 
 def _rooted(root: Path, target: str) -> str:
@@ -63,6 +64,7 @@ def plan_stages(repo: str | os.PathLike[str], targets: list[str] | None = None) 
                     for out in stage.outs
                     if PurePath(out.fs_path).name == RUN_ID_FILE
                 ),
+                cmd=" && ".join(stage.cmd) if isinstance(stage.cmd, list) else (stage.cmd or ""),
             )
             for stage in order
         ]

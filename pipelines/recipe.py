@@ -2,12 +2,17 @@
 runs it as a named DVC experiment (compare them with `dvc exp show`).
 
     python -m pipelines.recipe recipes/chip-cifar10.yaml [--name NAME] [--dry-run]
+    python -m pipelines.recipe recipes/chip-cifar10.yaml --smoke [--workdir DIR]
 
 The recipe is validated first (datasets, models, budgets, rate strings against their
 models), so a broken recipe never replaces params.yaml; the previous params.yaml is kept
 as .chipprune/params.before-<name>.yaml. The one-liner this automates:
 
     cp recipes/chip-cifar10.yaml params.yaml && dvc exp run -n chip-cifar10
+
+--smoke runs every stage of the recipe on synthetic images of the real shapes with a tiny
+schedule, in a work folder (default .chipprune/smoke/<name>), leaving params.yaml alone:
+see pipelines.smoke. `make test` smoke-runs every recipe.
 """
 
 from __future__ import annotations
@@ -28,7 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("recipe", type=Path)
     ap.add_argument("--name", help="experiment name (default: the recipe's file name)")
     ap.add_argument("--dry-run", action="store_true", help="validate and stop")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every stage on synthetic data, one tiny epoch each, in --workdir")
+    ap.add_argument("--workdir", type=Path, help="--smoke: where (default .chipprune/smoke/NAME)")
     args = ap.parse_args(argv)
+    name = args.name or args.recipe.stem
+    if args.smoke:
+        from pipelines.smoke import run_smoke
+
+        workdir = args.workdir or Path(".chipprune") / "smoke" / name
+        try:
+            stages = run_smoke(args.recipe, workdir)
+        except (ConfigError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{args.recipe}: smoke run passed, {len(stages)} stages, in {workdir}")
+        return 0
     try:
         load_params(args.recipe)
     except ConfigError as e:
@@ -37,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(f"{args.recipe}: valid")
         return 0
-    name = args.name or args.recipe.stem
     params = Path("params.yaml")
     if params.exists():
         keep = Path(".chipprune") / f"params.before-{name}.yaml"

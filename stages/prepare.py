@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         val_size=cfg.val_size,
         seed=cfg.seed,
         image_size=cfg.image_size,
+        synthetic=cfg.synthetic.model_dump() if cfg.synthetic else None,
     )
     ds.meta["name"] = args.name
     with tracking.stage_run(

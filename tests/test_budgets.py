@@ -79,7 +79,8 @@ def test_channel_and_volume_definitions():
 
 
 TARGETS = (0.5, 0.25, 0.125, 0.0625, 0.02)
-CASES = [("resnet56", {}, (3, 32, 32)), ("vgg16_bn", {}, (3, 32, 32)), ("resnet50", {}, (3, 224, 224))]
+CASES = [("resnet56", {}, (3, 32, 32)), ("vgg16_bn", {}, (3, 32, 32)), ("resnet50", {}, (3, 224, 224)),
+         ("preresnet164", {}, (3, 32, 32))]  # every PreResNet group may vanish: none forced
 
 
 @pytest.mark.parametrize(("name", "kw", "size"), CASES, ids=[c[0] for c in CASES])
@@ -171,7 +172,10 @@ def test_round_to_gives_multiples_and_still_meets_the_budget(name, kw, size):
                 below.append((kind, target))
     # VGG-16-BN: 13 layers x 8 channels are 2.5% of its 4,224 channels
     vgg = [("channel", 0.02), ("volume", 0.0625), ("volume", 0.02)]
-    assert below == {"vgg16_bn": vgg}.get(name, [])
+    # PreResNet-164 with every branch removed still has its stem, stage shortcuts and
+    # classifier: 2.67% of the params, 2.30% of the FLOPs
+    pre = [("params", 0.02), ("flops", 0.02)]
+    assert below == {"vgg16_bn": vgg, "preresnet164": pre}.get(name, [])
 
 
 def test_round_to_keeps_the_best_channels_of_each_group():

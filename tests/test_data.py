@@ -164,7 +164,7 @@ def test_unknown_source_and_missing_root():
         prepare_dataset("mnist")
     with pytest.raises(ValueError, match="root"):
         prepare_dataset("cifar10")
-    assert SOURCES == ("digits", "cifar10", "cifar100", "svhn", "imagefolder")
+    assert SOURCES == ("digits", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic")
 
 
 # ---------------------------------------------------------------- CIFAR, real pickle layout
@@ -503,3 +503,15 @@ def test_inconsistent_or_missing_files_name_the_file(saved, digits):
         load_prepared(saved / "empty")
     with pytest.raises(ValueError, match="unknown splits"):
         load_prepared(saved, splits=("dev",))
+
+
+def test_synthetic_source_has_the_requested_shape_and_is_reproducible():
+    spec = {"channels": 3, "classes": 100, "train": 8, "test": 4}
+    a = prepare_dataset("synthetic", image_size=32, val_size=4, synthetic=spec)
+    b = prepare_dataset("synthetic", image_size=32, val_size=4, synthetic=spec)
+    assert a.meta["image_shape"] == [3, 32, 32] and a.meta["num_classes"] == 100
+    assert a.meta["sizes"] == {"train": 4, "val": 4, "test": 4}
+    for split in ("train", "val", "test"):
+        assert a.splits[split].images.dtype == torch.uint8
+        assert torch.equal(a.splits[split].images, b.splits[split].images)
+    assert sorted(a.splits["test"].labels.tolist()) == [0, 1, 2, 3]  # labels 0, 1, 2, ... in turn

@@ -51,9 +51,9 @@ def test_chipnet_recipes_hold_the_authors_settings(tmp_path):
             300, 128, 0.05, 1e-3)
         assert (ft.schedule.kind, ft.schedule.step_size, ft.schedule.gamma) == ("step", 30, 0.5)
     grid = parse_params(_local(REPO / "recipes/chipnet-cifar.yaml", tmp_path)).prune
-    assert grid.budget_types == ["volume"] and grid.targets == [0.5, 0.25, 0.125, 0.0625]
+    assert grid.budgets == ["volume-0.5", "volume-0.25", "volume-0.125", "volume-0.0625"]
     grid = parse_params(_local(REPO / "recipes/chipnet-cifar-preresnet.yaml", tmp_path)).prune
-    assert grid.budget_types == ["channel"] and grid.targets == [0.6, 0.4, 0.2, 0.1]
+    assert grid.budgets == ["channel-0.6", "channel-0.4", "channel-0.2", "channel-0.1"]
 
 
 @pytest.mark.parametrize(("name", "params", "macs"), [
@@ -108,3 +108,65 @@ def test_chipnet_resnet50_at_12_5_percent_volume_is_in_the_published_range():
     assert 0.125 <= r.achieved <= 0.135
     assert bm.fraction("params", widths) == pytest.approx(0.0131, abs=5e-5)
     assert bm.fraction("flops", widths) == pytest.approx(0.0146, abs=5e-5)
+
+
+def test_smoke_params_keep_the_recipe_but_shrink_data_and_schedule():
+    from pipelines.smoke import BATCH, smoke_params
+
+    raw = yaml.safe_load((REPO / "recipes/transfer-cifar100-to-cifar10.yaml").read_text())
+    p = smoke_params(raw)
+    assert p["datasets"]["cifar100"]["source"] == "synthetic"
+    assert p["datasets"]["cifar100"]["synthetic"] == {"channels": 3, "classes": 100,
+                                                      "train": 4 * BATCH, "test": 2 * BATCH}
+    assert p["datasets"]["cifar10"]["synthetic"]["classes"] == 10
+    assert p["datasets"]["cifar10"]["image_size"] == 32
+    assert (p["train_dense"]["epochs"], p["train_dense"]["batch_size"]) == (1, BATCH)
+    assert all(r["epochs"] == 1 and r["batch_size"] == BATCH for r in p["finetune"].values())
+    assert p["transfer"]["recipe"]["epochs"] == 1
+    assert p["models"] == raw["models"] and p["prune"]["methods"] == raw["prune"]["methods"]
+    assert p["transfer"]["pairs"] == raw["transfer"]["pairs"]
+    # an image folder's class count is not knowable without it: ImageNet-1k's
+    imagenet = smoke_params(yaml.safe_load((REPO / "recipes/chip-imagenet.yaml").read_text()))
+    assert imagenet["datasets"]["imagenet"]["synthetic"]["classes"] == 1000
+    assert imagenet["datasets"]["imagenet"]["image_size"] == 224
+    assert imagenet["prune"]["budgets"] == ["flops-0.552"]
+    chipnet = smoke_params(yaml.safe_load((REPO / "recipes/chipnet-cifar.yaml").read_text()))
+    assert chipnet["prune"]["budgets"] == ["volume-0.5"]  # the first budget of four
+    assert chipnet["prune"]["datasets"] == chipnet["dense"]["datasets"] == ["cifar10"]
+    assert list(chipnet["datasets"]) == ["cifar10"]
+    assert chipnet["prune"]["models"] == ["wrn26_12", "resnet50", "resnet101"]  # every model
+    parse_params(chipnet)  # a valid params file
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.stem)
+def test_every_recipe_passes_its_smoke_run(recipe, tmp_path):
+    """Every stage DVC plans for the recipe runs, on synthetic images of the real shapes:
+    each method x dataset x model of the (first-budget) grid is evaluated and reported."""
+    import json
+
+    import pandas as pd
+
+    from pipelines.smoke import REAL_SHAPES
+
+    work = tmp_path / "smoke"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.recipe", str(recipe), "--smoke", "--workdir", str(work)],
+        cwd=REPO, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    raw = yaml.safe_load(recipe.read_text())
+    p = parse_params(yaml.safe_load((work / "params.yaml").read_text()))
+    for name in p.datasets:
+        ds = raw["datasets"][name]
+        meta = json.loads((work / "data/prepared" / name / "meta.json").read_text())
+        channels, classes, side = REAL_SHAPES[ds["source"]]
+        side = ds.get("image_size") or side
+        assert meta["image_shape"] == [channels, side, side] and meta["num_classes"] == classes
+    report = pd.read_csv(work / "results/report.csv", keep_default_na=False)
+    got = {(r.method, r.dataset, r.model) for r in report.itertuples() if not r.teacher}
+    want = {(m, d, mo) for m in p.prune.methods for d in p.prune.datasets for mo in p.prune.models}
+    want |= {("dense", d, mo) for d in p.dense.datasets for mo in p.dense.models}
+    assert got == want | {("chip", rc.dataset, rc.model) for rc in p.chip_rates.values()}
+    assert {r.teacher for r in report.itertuples() if r.teacher} == {
+        pair.teacher for pair in p.transfer.pairs.values()}

@@ -73,3 +73,26 @@ def test_mlflow_tags_round_trip_to_the_same_record():
     again = [record_from_run(run_tags(r), metrics) for r in records]
     pd.testing.assert_frame_equal(build_table(again), build_table(records))
     assert sorted(build_table(records)["budget_type"]) == ["", "flops", "flops", "rates:r1"]
+
+
+def test_published_figures_sit_beside_the_matching_configurations_only():
+    rows = [
+        rec("chip", "cifar10", 0.93, 0.48, 1.0, {"type": "flops", "target": 0.479},
+            model="resnet110"),
+        rec("chip", "cifar10", 0.94, 0.52, 1.0, {"type": "rates", "target": None,
+                                                 "config": "r56-47"}, model="resnet56"),
+        rec("random", "cifar10", 0.90, 0.48, 1.0, {"type": "flops", "target": 0.479},
+            model="resnet110"),  # a baseline: the paper has no figure for it
+        rec("chip", "cifar10", 0.90, 0.48, 1.0, {"type": "flops", "target": 0.479},
+            model="resnet110", teacher="cifar100"),  # a transfer: not the paper's setting
+    ]
+    df = build_table(rows).set_index(["method", "model", "teacher"])
+    r110 = df.loc[("chip", "resnet110", "")]
+    assert (r110["published_top1"], r110["published_params_fraction"],
+            r110["published_macs_fraction"]) == pytest.approx((0.9444, 0.517, 0.479))
+    r56 = df.loc[("chip", "resnet56", "")]
+    assert (r56["published_top1"], r56["published_macs_fraction"]) == pytest.approx((0.9416, 0.526))
+    for key in (("random", "resnet110", ""), ("chip", "resnet110", "cifar100")):
+        assert df.loc[key][["published_top1", "published_params_fraction",
+                            "published_macs_fraction"]].isna().all()
+    assert "published_top1" in to_markdown(build_table(rows)).splitlines()[0]

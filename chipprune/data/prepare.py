@@ -11,8 +11,9 @@ from .dataset import SPLITS, PreparedDataset, RawData, Split, channel_mean_std
 from .digits import read_digits
 from .imagefolder import read_imagefolder
 from .svhn import read_svhn
+from .synthetic import read_synthetic
 
-SOURCES = ("digits", "cifar10", "cifar100", "svhn", "imagefolder")
+SOURCES = ("digits", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic")
 _FILE_READERS = {
     "cifar10": read_cifar10,
     "cifar100": read_cifar100,
@@ -21,9 +22,13 @@ _FILE_READERS = {
 }
 
 
-def raw_data(source: str, root, *, download: bool, image_size: int | None) -> RawData:
+def raw_data(
+    source: str, root, *, download: bool, image_size: int | None, synthetic: dict | None = None
+) -> RawData:
     if source == "digits":
         return read_digits(image_size)
+    if source == "synthetic":  # synthetic: channels, classes, train, test (SyntheticConfig)
+        return read_synthetic(image_size=image_size, **(synthetic or {}))
     if source not in _FILE_READERS:
         raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
     return _FILE_READERS[source](root, download=download, image_size=image_size)
@@ -85,6 +90,7 @@ def prepare_dataset(
     val_size: int | float = 0.1,
     seed: int = 0,
     image_size: int | None = None,
+    synthetic: dict | None = None,
 ) -> PreparedDataset:
     """Read source, optionally keep a class subset, carve val from train, compute mean/std.
 
@@ -95,7 +101,7 @@ def prepare_dataset(
     """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
-    raw = raw_data(source, root, download=download, image_size=image_size)
+    raw = raw_data(source, root, download=download, image_size=image_size, synthetic=synthetic)
     names, train, test = raw.classes, raw.train, raw.test
     if classes is not None:
         subset = checked_class_subset(classes, len(names))
