@@ -40,7 +40,7 @@ from chipprune.checkpoint import load_checkpoint
 from chipprune.chip import rates_to_widths
 from chipprune.counting import measure_cost
 from chipprune.latency import median_latency_ms
-from chipprune.latency_table import TorchTimer, profile_model
+from chipprune.latency_profile import TorchTimer, profile_model
 from chipprune.models import create_model
 from chipprune.surgery import prune_model
 from chipprune.thresholding import keep_at_budget

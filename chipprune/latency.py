@@ -82,13 +82,18 @@ def latency_by_format(
     warmup: int = 5,
     repeats: int = 20,
     dtype: torch.dtype = torch.float32,
+    rounds: int = 1,
 ) -> dict[str, float]:
-    """Median latency (ms) in both memory formats: {"nchw": ..., "channels_last": ...}.
-    The model is left in NCHW."""
-    out = {
-        fmt: median_latency_ms(model, input_shape, batch_size, device, warmup, repeats, fmt, dtype)
-        for fmt in MEMORY_FORMATS
-    }
+    """Median latency (ms) in both memory formats: {"nchw": ..., "channels_last": ...}; with
+    `rounds` > 1 the fastest of that many interleaved rounds of each (on a shared machine
+    load only adds time, so the fastest round is the least disturbed one). The model is
+    left in NCHW."""
+    out: dict[str, float] = {}
+    for _ in range(rounds):
+        for fmt in MEMORY_FORMATS:
+            ms = median_latency_ms(model, input_shape, batch_size, device, warmup, repeats, fmt,
+                                   dtype)
+            out[fmt] = min(ms, out.get(fmt, ms))
     model.to(memory_format=torch.contiguous_format)
     return out
 
@@ -101,6 +106,7 @@ def latency_metrics(
     warmup: int = 5,
     repeats: int = 20,
     reference: nn.Module | None = None,
+    rounds: int = 1,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Evaluate's latency figures per batch size N: `latency_ms_bs<N>_nchw`, `_cl` and
     `latency_ms_bs<N>` (the faster of the two), and with a `reference` (the dense model,
@@ -109,14 +115,15 @@ def latency_metrics(
     metrics: dict[str, float] = {}
     best: dict[str, str] = {}
     for bs in batch_sizes:
-        ms = latency_by_format(model, input_shape, bs, device, warmup, repeats)
+        ms = latency_by_format(model, input_shape, bs, device, warmup, repeats, rounds=rounds)
         fmt = min(ms, key=ms.get)
         metrics |= {f"latency_ms_bs{bs}_{SHORT[f]}": v for f, v in ms.items()}
         metrics[f"latency_ms_bs{bs}"] = ms[fmt]
         best[f"latency_format_bs{bs}"] = fmt
         if reference is not None:
             ref = min(
-                latency_by_format(reference, input_shape, bs, device, warmup, repeats).values()
+                latency_by_format(reference, input_shape, bs, device, warmup, repeats,
+                                  rounds=rounds).values()
             )
             metrics[f"dense_latency_ms_bs{bs}"] = ref
             metrics[f"speedup_bs{bs}"] = ref / ms[fmt]

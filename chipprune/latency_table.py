@@ -34,15 +34,14 @@ held-out error. The hard form (integer widths on the grid: `step` = `prune.round
 exact sum of table entries; the soft form is the same function of float tensors and equals
 it at grid widths; off the grid both interpolate.
 
-Timing is injected (`profile_model(..., timer=..., model_timer=...)`), so the math is
-tested with synthetic timings; `TorchTimer` is the real one.
+Making a table (timing every grid point) is `chipprune.latency_profile`; this module is the
+table itself: its format, the layer plan it is checked against, and the prediction.
 """
 
 from __future__ import annotations
 
 import json
-import platform
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,9 @@ from chipprune.counting import conv_feature_sizes
 from chipprune.models import PrunableNet
 
 FORMAT = "chipprune.latency_table/1"
+# What profile_latency writes when the grid has no latency budget: profiling costs minutes
+# to hours (every width pair of every layer), and no stage would read the table.
+NOT_PROFILED = "chipprune.latency_table/not-profiled"
 
 
 class LatencyTableError(ConfigError):
@@ -138,9 +140,6 @@ class _TimedLayer(nn.Module):
         return torch.relu_(y) if self.relu else y
 
 
-Timer = Callable[[ConvOp, int, int, int], float]  # (op, n_in, n_out, batch) -> ms
-
-
 def width_grid(dense: int, step: int, may_vanish: bool = False) -> tuple[int, ...]:
     """0 (removable-branch groups only), 1, the multiples of `step` below `dense`, `dense`."""
     if step < 1 or dense < 1:
@@ -193,109 +192,6 @@ def _layer_plan(model: PrunableNet, input_size: tuple[int, int, int]):
             (c.conv, group, in_group, m.in_channels, m.out_channels, op, when.get(c.conv, ()))
         )
     return spec, plan
-
-
-def check_widths(dense: Mapping[str, int], step: int) -> dict[str, int]:
-    """The second model `profile_model` times whole: every group at the grid point nearest
-    half its dense width (ties: the wider), about a quarter of the dense MACs."""
-    out = {}
-    for g, d in dense.items():
-        grid = [w for w in width_grid(d, step) if w > 0]
-        out[g] = min(grid, key=lambda w: (abs(2 * w - d), -w))
-    return out
-
-
-def profile_model(
-    model: PrunableNet,
-    input_size: tuple[int, int, int],
-    batch_size: int,
-    *,
-    step: int,
-    timer: Timer,
-    model_timer: Callable[[Mapping[str, int]], float],
-    rounds: int = 1,
-    meta: Mapping[str, Any] | None = None,
-) -> LatencyTable:
-    """The table of a dense `model`: `timer(op, n_in, n_out, batch_size)` at every grid
-    point (equal ops and widths share one), and `model_timer(widths)`, the whole model built
-    at those group widths: the dense model (its time fixes `rest`) and the `check_widths`
-    model, whose predicted and measured times go to `meta["check"]`.
-
-    (A two-point fit of rest and a scale on the layers' sum was tried and dropped: at batch
-    1 on CPU the halved model costs about what the dense one does -- per-module overhead --
-    and the fitted scale came out near 0.)
-
-    Each point and both models are timed once per round, in the same order every round,
-    and the fastest round is kept (each round's figure is itself a median of repeats): load
-    from other processes only ever adds time, so on a shared machine the least disturbed
-    round is the best estimate, and a burst of load spoils one round of every point instead
-    of every repeat of a few points."""
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    spec, plan = _layer_plan(model, input_size)
-    vanishing = {g for br in spec.branches for g in br.groups}
-    grids = []
-    points: dict[tuple, list[float]] = {}  # (op, n_in, n_out) -> one time per round
-    for name, group, in_group, d_in, d_out, op, when in plan:
-        in_w = width_grid(d_in, step, in_group in vanishing) if in_group else (d_in,)
-        out_w = width_grid(d_out, step, group in vanishing) if group else (d_out,)
-        if op.depthwise:
-            in_w = (d_out,)
-        grids.append((name, group, in_group, in_w, out_w, op, when))
-        # width 0: the branch is gone and the layer costs nothing
-        points |= {
-            (op, a, b): [] for a in in_w for b in out_w if a and b and (op, a, b) not in points
-        }
-    dense_w = spec.widths()
-    half_w = check_widths(dense_w, step)
-    whole: dict[str, list[float]] = {"dense": [], "half": []}
-    for _ in range(rounds):
-        whole["dense"].append(float(model_timer(dense_w)))
-        for (op, a, b), times in points.items():
-            times.append(float(timer(op, a, b, batch_size)))
-        whole["half"].append(float(model_timer(half_w)))
-    best = {k: min(v) for k, v in points.items()}
-    layers = []
-    for name, group, in_group, in_w, out_w, op, when in grids:
-        ms = torch.tensor(
-            [[best[(op, a, b)] if a and b else 0.0 for b in out_w] for a in in_w],
-            dtype=torch.float64,
-        )
-        layers.append(
-            LayerTable(
-                name,
-                group,
-                in_group,
-                in_w,
-                out_w,
-                tuple(tuple(r) for r in monotone(ms).tolist()),
-                op,
-                when,
-            )
-        )
-    model_ms, half_ms = min(whole["dense"]), min(whole["half"])
-    table = LatencyTable(
-        layers=tuple(layers),
-        model_ms=model_ms,
-        rest_ms=model_ms - sum(lt.ms[-1][-1] for lt in layers),
-        meta={
-            "input_shape": list(input_size),
-            "batch_size": batch_size,
-            "step": step,
-            "rounds": rounds,
-            "timings": len(points),
-            **(meta or {}),
-        },
-    )
-    groups = list(dense_w)
-    predicted = float(table.predict_ms(torch.tensor([half_w[g] for g in groups]), groups))
-    table.meta["check"] = {
-        "widths": half_w,
-        "measured_ms": half_ms,
-        "predicted_ms": predicted,
-        "error": predicted / half_ms - 1.0,
-    }
-    return table
 
 
 @dataclass
@@ -476,6 +372,11 @@ def load_table(path: str | Path) -> LatencyTable:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise LatencyTableError(f"{path}: not a latency table ({e})") from None
+    if isinstance(doc, dict) and doc.get("format") == NOT_PROFILED:
+        raise LatencyTableError(
+            f"{path}: not profiled ({doc.get('reason')}); list a latency budget in "
+            "prune.budgets and `dvc repro` profiles it"
+        )
     return LatencyTable.from_dict(doc, str(path))
 
 
@@ -529,86 +430,3 @@ def _bilinear(gi, go, tab, last_i, last_o, x, y) -> torch.Tensor:
     t00, t01 = tab[rows, i, j], tab[rows, i, j + 1]
     t10, t11 = tab[rows, i + 1, j], tab[rows, i + 1, j + 1]
     return (1 - tx) * ((1 - ty) * t00 + ty * t01) + tx * ((1 - ty) * t10 + ty * t11)
-
-
-class TorchTimer:
-    """The real timer: the op as a module on `device` in `dtype`, a random input in
-    `memory_format`, synchronised, the median of `repeats` forwards (chipprune.latency).
-    Modules are built once per point and warmed up (`warmup` forwards) on first use only,
-    so later rounds of `profile_model` time them directly."""
-
-    def __init__(
-        self,
-        device: torch.device,
-        memory_format: str = "nchw",
-        warmup: int = 3,
-        repeats: int = 3,
-        dtype: torch.dtype = torch.float32,
-    ):
-        self.device, self.memory_format = device, memory_format
-        self.warmup, self.repeats, self.dtype = warmup, repeats, dtype
-        self._modules: dict[tuple, nn.Module] = {}
-
-    def __call__(self, op: ConvOp, n_in: int, n_out: int, batch_size: int) -> float:
-        from chipprune.latency import median_latency_ms
-
-        key = (op, n_in, n_out)
-        first = key not in self._modules
-        if first:
-            self._modules[key] = op.module(n_in, n_out).to(self.device, self.dtype)
-        shape = (n_out if op.depthwise else n_in, *op.in_hw)
-        return median_latency_ms(
-            self._modules[key],
-            shape,
-            batch_size,
-            self.device,
-            max(1, self.warmup) if first else 1,
-            self.repeats,
-            memory_format=self.memory_format,
-            dtype=self.dtype,
-        )
-
-    def model_timer(
-        self,
-        build: Callable[[Mapping[str, int]], nn.Module],
-        input_size: tuple[int, int, int],
-        batch_size: int,
-    ) -> Callable[[Mapping[str, int]], float]:
-        """A `profile_model` model timer: `build(widths)` (random weights are fine: time does
-        not depend on them) moved to the device once per widths, warmed up on first use."""
-        from chipprune.latency import median_latency_ms
-
-        built: dict[tuple, nn.Module] = {}
-
-        def run(widths: Mapping[str, int]) -> float:
-            key = tuple(sorted(widths.items()))
-            first = key not in built
-            if first:
-                built[key] = build(dict(widths)).to(self.device, self.dtype).eval()
-            return median_latency_ms(
-                built[key],
-                input_size,
-                batch_size,
-                self.device,
-                max(1, self.warmup) if first else 1,
-                self.repeats,
-                memory_format=self.memory_format,
-                dtype=self.dtype,
-            )
-
-        return run
-
-
-def device_meta(device: torch.device) -> dict[str, Any]:
-    """What the timings depend on, recorded in the table (for people, not checked)."""
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine()
-    )
-    return {
-        "device": device.type,
-        "device_name": name,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         pruned = bool(set(ckpt["model_kwargs"]) & {"widths", "kept"})
         reference = dense_model.to(device) if pruned and cfg.latency.dense_reference else None
         latency, formats = latency_metrics(model, shape, cfg.latency.batch_sizes, device,
-                                           cfg.latency.warmup, cfg.latency.repeats, reference)
+                                           cfg.latency.warmup, cfg.latency.repeats, reference,
+                                           rounds=cfg.latency.rounds)
         if not pruned:
             latency |= {f"speedup_bs{bs}": 1.0 for bs in cfg.latency.batch_sizes}
         metrics = {

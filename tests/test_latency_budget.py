@@ -21,14 +21,14 @@ from chipprune.config import ConfigError, parse_params
 from chipprune.data import prepare_dataset, save_prepared
 from chipprune.gates import ChannelGates
 from chipprune.latency import latency_metrics
+from chipprune.latency_profile import check_widths, profile_model
 from chipprune.latency_table import (
+    NOT_PROFILED,
     ConvOp,
     LatencyTableError,
     _layer_plan,
-    check_widths,
     load_table,
     monotone,
-    profile_model,
     width_grid,
 )
 from chipprune.models import create_model
@@ -306,9 +306,9 @@ def test_json_round_trip_and_malformed_files(resnet20, tmp_path):
 
 def test_params_accept_latency_as_a_budget_type():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["prune"]["budget_types"] = ["flops", "latency"]
-    assert parse_params(raw).prune.budget_types == ["flops", "latency"]
-    assert parse_budget("latency", "0.5") == 0.5
+    raw["prune"]["budgets"] = ["flops-0.125", "latency-0.25"]
+    assert parse_params(raw).prune.budgets == ["flops-0.125", "latency-0.25"]
+    assert parse_budget("latency-0.5") == ("latency", 0.5)
     raw["latency_budget"]["device"] = "tpu"
     with pytest.raises(ConfigError, match="latency_budget.device"):
         parse_params(raw)
@@ -325,6 +325,22 @@ TINY = {
     "repeats": 1,
     "rounds": 1,
 }
+
+
+def _grid_stage_args(tmp_path, stage_env, model, kwargs, budgets) -> list[str]:
+    """A grid stage's dense and data roots for digits x resnet20 (`model`'s weights), and
+    tmp_path/params.yaml with prune.budgets = `budgets`."""
+    ckpt = tmp_path / "dense/digits-resnet20/checkpoint.pt"
+    ckpt.parent.mkdir(parents=True)
+    save_checkpoint(make_checkpoint(model, "resnet20", {"num_classes": 10, "in_channels": 1,
+                                                        **kwargs}), ckpt)
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared/digits").symlink_to(stage_env / "data")
+    params = yaml.safe_load((stage_env / "params.yaml").read_text())
+    params["prune"].update(budgets=budgets, datasets=["digits"], models=["resnet20"])
+    params["transfer"]["pairs"] = {}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return [str(tmp_path / "dense"), str(tmp_path / "prepared")]
 
 
 @pytest.fixture(scope="module")
@@ -362,34 +378,36 @@ def test_profile_latency_stage_writes_a_table_the_budget_accepts(stage_env, mlfl
     assert all(lt.ms[-1][-1] > 0 for lt in table.layers)
 
     # baseline_masks at a latency budget on that table, through its real code
-    ckpt = tmp_path / "dense.pt"
-    save_checkpoint(
-        make_checkpoint(model, "resnet20", {"num_classes": 10, "in_channels": 1, "shortcut": "A"}),
-        ckpt,
-    )
+    args = _grid_stage_args(tmp_path, stage_env, model, {"shortcut": "A"}, ["latency-0.5"])
     masks_dir = tmp_path / "masks"
-    rc = run_main(
-        baseline_masks.main,
-        [
-            "l1",
-            "digits",
-            "resnet20",
-            "latency",
-            "0.5",
-            str(ckpt),
-            str(stage_env / "data"),
-            str(masks_dir),
-            "--params",
-            str(stage_env / "params.yaml"),
-            "--latency-table",
-            str(out / "table.json"),
-        ],
-    )
+    rc = run_main(baseline_masks.main, ["l1", *args, str(masks_dir), "--params",
+                                        str(tmp_path / "params.yaml"), "--latency-root",
+                                        str(tmp_path / "runs/latency")])  # fmt: skip
     assert rc == 0
-    budget = json.loads((masks_dir / "masks.json").read_text())["budget"]
-    assert budget["type"] == "latency" and 0.5 <= budget["achieved"] <= 0.55
+    doc = json.loads((masks_dir / "latency-0.5-digits-resnet20/masks.json").read_text())
+    budget, widths = doc["budget"], {g: len(v) for g, v in doc["kept"].items()}
+    # met from above, and exactly the table's value at the kept widths (how close to 0.5 it
+    # can get depends on the table's floor, i.e. on timings at batch 2: not asserted)
+    assert budget["type"] == "latency" and budget["achieved"] >= 0.5
+    assert budget["achieved"] == pytest.approx(bm.fraction("latency", widths), rel=1e-12)
     assert budget["predicted_ms"] == pytest.approx(budget["achieved"] * table.model_ms)
     assert budget["table"] == str(out / "table.json")
+
+
+def test_without_a_latency_budget_the_table_says_it_was_not_profiled(
+    stage_env, mlflow_store, tmp_path
+):
+    params = yaml.safe_load((stage_env / "params.yaml").read_text())
+    params["prune"]["budgets"] = ["flops-0.125"]
+    params["latency_budget"]["device"] = "cuda"  # not even checked: nothing is measured
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "runs/latency/cuda-bs2-digits-resnet20"
+    rc = run_main(profile_latency.main, ["digits", "resnet20", str(stage_env / "data"), str(out),
+                                         "--params", str(tmp_path / "params.yaml")])
+    assert rc == 0 and sorted(p.name for p in out.iterdir()) == ["mlflow_run.json", "table.json"]
+    assert json.loads((out / "table.json").read_text())["format"] == NOT_PROFILED
+    with pytest.raises(LatencyTableError, match=r"not profiled \(no latency budget.*prune\.budgets"):
+        load_table(out / "table.json")
 
 
 @pytest.mark.parametrize(
@@ -428,28 +446,14 @@ def test_a_latency_budget_without_its_table_exits_2_naming_it(
     stage_env, mlflow_store, tmp_path, capsys
 ):
     model = create_model("resnet20", num_classes=10, in_channels=1)
-    ckpt = tmp_path / "dense.pt"
-    save_checkpoint(make_checkpoint(model, "resnet20", {"num_classes": 10, "in_channels": 1}), ckpt)
+    args = _grid_stage_args(tmp_path, stage_env, model, {}, ["flops-0.5", "latency-0.5"])
     out = tmp_path / "masks"
-    rc = run_main(
-        baseline_masks.main,
-        [
-            "random",
-            "digits",
-            "resnet20",
-            "latency",
-            "0.5",
-            str(ckpt),
-            str(stage_env / "data"),
-            str(out),
-            "--params",
-            str(stage_env / "params.yaml"),
-        ],
-    )
+    rc = run_main(baseline_masks.main,
+                  ["random", *args, str(out), "--params", str(tmp_path / "params.yaml")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert "runs/latency/cpu-bs2-digits-resnet20/table.json: no such latency table" in err[0]
-    assert not out.exists()
+    assert not out.exists()  # not even the flops-0.5 masks it could have made
 
 
 @pytest.mark.slow
@@ -466,7 +470,7 @@ def test_learn_masks_trains_chipnet_on_a_latency_budget(stage_env, mlflow_store,
     params["learn_masks"].update(epochs=1, bn_recalibration_batches=1)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "chipnet"
-    args = ["digits", "resnet20", "latency", "0.5", str(stage_env / "data"), str(ckpt), str(out),
+    args = ["digits", "resnet20", "latency-0.5", str(stage_env / "data"), str(ckpt), str(out),
             "--params", str(tmp_path / "params.yaml"), "--latency-table",
             str(tmp_path / "table.json")]  # fmt: skip
     assert run_main(learn_masks.main, args) == 0
@@ -538,26 +542,25 @@ def test_measured_table_predicts_a_pruned_model_within_a_generous_tolerance():
     """Real timings (CPU, batch 32, 16x16): the table's predicted fraction of a pruned model
     against the measured ratio pruned / dense, both fastest-of-rounds, interleaved. The
     tolerance (35% relative) is for a loaded shared machine; bench/pruned_speed.py prints the
-    real check, goal 10%."""
+    real check, goal 10%. As the stage does, a table whose own held-out check misses by more
+    than 10% is profiled again (3 attempts)."""
     from chipprune.latency import median_latency_ms
-    from chipprune.latency_table import TorchTimer
+    from chipprune.latency_profile import TorchTimer, best_checked
     from chipprune.surgery import prune_model
 
     torch.manual_seed(0)
     kwargs = {"num_classes": 10, "in_channels": 1}
     model = create_model("resnet20", **kwargs).eval()
-    timer = TorchTimer(torch.device("cpu"), "nchw", warmup=2, repeats=3)
-    table = profile_model(
-        model,
-        SHAPE,
-        32,
-        step=8,
-        timer=timer,
-        rounds=3,
-        model_timer=timer.model_timer(
-            lambda w: create_model("resnet20", widths=w, **kwargs), SHAPE, 32
-        ),
-    )
+
+    def attempt(_):
+        timer = TorchTimer(torch.device("cpu"), "nchw", warmup=2, repeats=3)
+        return profile_model(
+            model, SHAPE, 32, step=8, timer=timer, rounds=3,
+            model_timer=timer.model_timer(
+                lambda w: create_model("resnet20", widths=w, **kwargs), SHAPE, 32),
+        )
+
+    table, _ = best_checked(attempt, attempts=3, max_error=0.1)
     bm = BudgetModel.from_model(model, SHAPE, latency=table)
     r = keep_at_budget(random_scores(bm.dense_widths, 0), bm, "latency", 0.5, round_to=8)
     pruned, _ = prune_model(
@@ -565,7 +568,26 @@ def test_measured_table_predicts_a_pruned_model_within_a_generous_tolerance():
     )
     pruned.eval()
     a, b = [], []
-    for _ in range(5):
+    for _ in range(7):
         a.append(median_latency_ms(pruned, SHAPE, 32, torch.device("cpu"), 1, 5))
         b.append(median_latency_ms(model, SHAPE, 32, torch.device("cpu"), 1, 5))
     assert min(a) / min(b) == pytest.approx(r.achieved, rel=0.35)
+
+
+def test_a_noisy_profile_is_repeated_and_the_best_checked_table_kept():
+    from types import SimpleNamespace
+
+    from chipprune.latency_profile import best_checked
+
+    errors = iter([-0.70, 0.04, -0.01])
+    calls = []
+
+    def profile(number):
+        calls.append(number)
+        return SimpleNamespace(meta={"check": {"error": next(errors)}})
+
+    table, tables = best_checked(profile, attempts=3, max_error=0.1)
+    assert calls == [1, 2] and table is tables[1]  # the second was quiet enough: stop there
+    errors = iter([0.5, -0.3, 0.2])
+    table, tables = best_checked(profile, attempts=3, max_error=0.1)
+    assert len(tables) == 3 and table.meta["check"]["error"] == 0.2  # none passed: the best
