@@ -150,16 +150,17 @@ class TorchTimer:
         self.warmup, self.repeats, self.dtype = warmup, repeats, dtype
         self._modules: dict[tuple, nn.Module] = {}
 
-    def __call__(self, op: ConvOp, n_in: int, n_out: int, batch_size: int) -> float:
+    def _time(self, cache: dict, key: tuple, build: Callable[[], nn.Module],
+              shape: tuple[int, ...], batch_size: int) -> float:
+        """The module cached under `key` (built and moved to the device on first use, then
+        warmed up `warmup` times; later calls warm up once), the median of `repeats`."""
         from chipprune.latency import median_latency_ms
 
-        key = (op, n_in, n_out)
-        first = key not in self._modules
+        first = key not in cache
         if first:
-            self._modules[key] = op.module(n_in, n_out).to(self.device, self.dtype)
-        shape = (n_out if op.depthwise else n_in, *op.in_hw)
+            cache[key] = build().to(self.device, self.dtype).eval()
         return median_latency_ms(
-            self._modules[key],
+            cache[key],
             shape,
             batch_size,
             self.device,
@@ -169,6 +170,11 @@ class TorchTimer:
             dtype=self.dtype,
         )
 
+    def __call__(self, op: ConvOp, n_in: int, n_out: int, batch_size: int) -> float:
+        shape = (n_out if op.depthwise else n_in, *op.in_hw)
+        return self._time(self._modules, (op, n_in, n_out), lambda: op.module(n_in, n_out),
+                          shape, batch_size)
+
     def model_timer(
         self,
         build: Callable[[Mapping[str, int]], nn.Module],
@@ -177,25 +183,11 @@ class TorchTimer:
     ) -> Callable[[Mapping[str, int]], float]:
         """A `profile_model` model timer: `build(widths)` (random weights are fine: time does
         not depend on them) moved to the device once per widths, warmed up on first use."""
-        from chipprune.latency import median_latency_ms
-
         built: dict[tuple, nn.Module] = {}
 
         def run(widths: Mapping[str, int]) -> float:
-            key = tuple(sorted(widths.items()))
-            first = key not in built
-            if first:
-                built[key] = build(dict(widths)).to(self.device, self.dtype).eval()
-            return median_latency_ms(
-                built[key],
-                input_size,
-                batch_size,
-                self.device,
-                max(1, self.warmup) if first else 1,
-                self.repeats,
-                memory_format=self.memory_format,
-                dtype=self.dtype,
-            )
+            return self._time(built, tuple(sorted(widths.items())),
+                              lambda: build(dict(widths)), input_size, batch_size)
 
         return run
 
