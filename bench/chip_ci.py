@@ -28,10 +28,10 @@ from collections.abc import Callable
 
 import torch
 
-from chipprune.chip import score_channels
-from chipprune.chip_ci import channel_independence, ci_definition, ci_gram
+from chipprune.methods.chip import score_channels
+from chipprune.methods.chip_ci import channel_independence, ci_definition, ci_gram
 from chipprune.models import create_model
-from chipprune.train import resolve_device
+from chipprune.training.loop import resolve_device
 
 SHAPES = ((16, 1024), (32, 256), (64, 64), (128, 64), (256, 196))
 AUTHORS_BATCH = 128

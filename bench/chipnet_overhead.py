@@ -17,13 +17,13 @@ import time
 
 import torch
 
-from chipprune.budgets import BudgetModel
-from chipprune.chipnet import ChipNetHooks, adamw
+from chipprune.budgets.exact import BudgetModel
 from chipprune.config import AugmentConfig, ScheduleConfig, TrainConfig
 from chipprune.data import prepare_dataset
-from chipprune.gates import ChannelGates
+from chipprune.methods.chipnet import ChipNetHooks, adamw
+from chipprune.methods.gates import ChannelGates
 from chipprune.models import create_model
-from chipprune.train import DeviceData, fit, resolve_device, seed_everything
+from chipprune.training.loop import DeviceData, fit, resolve_device, seed_everything
 
 
 def sync(device):

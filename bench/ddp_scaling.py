@@ -4,7 +4,7 @@ more) processes on this machine, side by side, same model, same data, same globa
     python bench/ddp_scaling.py [--nprocs 1 2] [--model resnet20] [--batch-size 64]
                                 [--epochs 2] [--repeats 3] [--device cpu] [--sync-bn]
 
-Every configuration runs as its own group of ranks (chipprune.distributed.launch: gloo on
+Every configuration runs as its own group of ranks (chipprune.training.distributed.launch: gloo on
 CPU, nccl on CUDA): one warm-up epoch, excluded, then one timed run of `--epochs` epochs
 (empty validation set, so evaluation is not timed). The configurations take turns,
 `--repeats` rounds, so drifting load hits all alike; the median is reported, with the
@@ -32,7 +32,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chipprune import distributed  # noqa: E402
 from chipprune.config import (  # noqa: E402
     AugmentConfig,
     DistributedConfig,
@@ -41,7 +40,8 @@ from chipprune.config import (  # noqa: E402
 )
 from chipprune.data import Split, prepare_dataset  # noqa: E402
 from chipprune.models import create_model  # noqa: E402
-from chipprune.train import DeviceData, fit, resolve_device, seed_everything  # noqa: E402
+from chipprune.training import distributed  # noqa: E402
+from chipprune.training.loop import DeviceData, fit, resolve_device, seed_everything  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

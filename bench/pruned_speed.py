@@ -13,7 +13,7 @@ measurement. Prints two tables; never pass/fail.
    channels_last, and speedup / MACs reduction = best-format speedup x MACs ratio (1.0: the
    hardware delivers the whole reduction).
 2. The latency budget, ChipNet-free: a latency table of the dense model on this device
-   (chipprune.latency_table, as the profile_latency stage builds it), random and L1 scores
+   (chipprune.budgets.latency_table, as the profile_latency stage builds it), random and L1 scores
    thresholded at a latency budget of 0.5 (round_to 8), and the pruned model's predicted
    latency against its measured one and against half of the dense model's. Goal: within 10%.
 
@@ -34,17 +34,17 @@ from pathlib import Path
 
 import torch
 
-from chipprune.baselines import l1_scores, random_scores
-from chipprune.budgets import BudgetModel
-from chipprune.checkpoint import load_checkpoint
-from chipprune.chip import rates_to_widths
-from chipprune.counting import measure_cost
-from chipprune.latency import median_latency_ms
-from chipprune.latency_profile import TorchTimer, profile_model
+from chipprune.budgets.counting import measure_cost
+from chipprune.budgets.exact import BudgetModel
+from chipprune.budgets.latency import median_latency_ms
+from chipprune.budgets.latency_profile import TorchTimer, profile_model
+from chipprune.budgets.thresholding import keep_at_budget
+from chipprune.methods.baselines import l1_scores, random_scores
+from chipprune.methods.chip import rates_to_widths
 from chipprune.models import create_model
-from chipprune.surgery import prune_model
-from chipprune.thresholding import keep_at_budget
-from chipprune.train import resolve_device
+from chipprune.surgery.rebuild import prune_model
+from chipprune.training.checkpoint import load_checkpoint
+from chipprune.training.loop import resolve_device
 
 PUBLISHED = {  # CHIP's ResNet-56 configurations (CIFAR-10), DESIGN.md section 5
     "CHIP r56 light": "[0.]+[0.15]*2+[0.4]*27",

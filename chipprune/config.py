@@ -187,7 +187,7 @@ class EvaluateConfig(Strict):
 class LatencyBudgetConfig(Strict):
     """The `latency` budget's table (stage profile_latency): every prunable conv timed as
     conv + BN (+ residual add) + ReLU on the target device at the target batch size, on a
-    grid of in/out widths (1, multiples of `step`, dense); chipprune.latency_table."""
+    grid of in/out widths (1, multiples of `step`, dense); chipprune.budgets.latency_table."""
 
     device: Literal["cpu", "cuda"] = "cpu"  # the target device (not where training runs)
     batch_size: int = Field(256, ge=1, le=65_536)
@@ -342,7 +342,7 @@ class RateConfig(Strict):
     @field_validator("rates")
     @classmethod
     def _rates_parse(cls, v: str | list[float]) -> str | list[float]:
-        from chipprune.chip import parse_rates  # imported here: it loads torch
+        from chipprune.methods.chip import parse_rates  # imported here: it loads torch
 
         parse_rates(v)  # the length is checked against the model by select_channels
         return v
@@ -424,7 +424,7 @@ class Params(Strict):
 
 def _check_rates_fit(name: str, rc: RateConfig, model: ModelConfig) -> None:
     """The rates must match the model's layout (its number of prunable layers)."""
-    from chipprune.chip import rates_to_widths  # imported here: it loads torch
+    from chipprune.methods.chip import rates_to_widths  # imported here: it loads torch
     from chipprune.models import create_model
 
     spec = create_model(model.arch, **model.kwargs).describe()

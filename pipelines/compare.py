@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from chipprune import tracking
 from chipprune.atomic import atomic_path
-from chipprune.records import RECORD_TAGS, TAG_PREFIX, record_from_run
-from chipprune.report import build_table, to_markdown
+from chipprune.reporting import tracking
+from chipprune.reporting.records import RECORD_TAGS, TAG_PREFIX, record_from_run
+from chipprune.reporting.report import build_table, to_markdown
 
 
 def evaluate_records(experiment: str, latest_only: bool = True) -> list[dict]:

@@ -6,7 +6,7 @@ almost nothing, and `dvc repro` of the default grid starts some 60 stage process
     python -m pipelines.mlflow_server [--store sqlite:///ABS/mlflow.db] [--port 0] -- dvc repro
 
 The server listens on 127.0.0.1 only, on a free port unless --port is given, and writes to
-the same store the stages would use without it (`chipprune.tracking.tracking_uri()`);
+the same store the stages would use without it (`chipprune.reporting.tracking.tracking_uri()`);
 artifacts still go where each experiment's artifact location says. It is stopped when the
 command ends, whatever the outcome; the exit status is the command's.
 """
@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from chipprune.tracking import tracking_uri
+from chipprune.reporting.tracking import tracking_uri
 
 
 def free_port() -> int:

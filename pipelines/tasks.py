@@ -205,7 +205,7 @@ def mlflow_key(stage: str) -> str:
 
 @contextmanager
 def _chipprune_root(repo: Path) -> Iterator[None]:
-    """chipprune.tracking resolves the repo (git, mlflow.db) from CHIPPRUNE_ROOT or the cwd."""
+    """chipprune.reporting.tracking resolves the repo (git, mlflow.db) from CHIPPRUNE_ROOT or the cwd."""
     old = os.environ.get("CHIPPRUNE_ROOT")
     os.environ["CHIPPRUNE_ROOT"] = str(repo)
     try:
@@ -229,7 +229,7 @@ def _experiment_id(client: Any, name: str, repo: Path) -> str:
 
 
 def lock_sha256(repo: Path) -> str:
-    from chipprune.tracking import file_sha256
+    from chipprune.reporting.tracking import file_sha256
 
     lock = repo / "dvc.lock"
     return file_sha256(lock) if lock.is_file() else "none"
@@ -248,7 +248,7 @@ def open_parent_run(
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    from chipprune.tracking import provenance_tags, tracking_uri
+    from chipprune.reporting.tracking import provenance_tags, tracking_uri
 
     root = Path(repo)
     with _chipprune_root(root):

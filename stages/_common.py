@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
-from chipprune import distributed, tracking
-from chipprune.checkpoint import CheckpointError
 from chipprune.config import ConfigError, DistributedConfig, parse_budget_label
 from chipprune.data import DataFileError
-from chipprune.masks import MaskError
-from chipprune.tracking import TrackingUnreachable
+from chipprune.reporting import tracking
+from chipprune.reporting.tracking import TrackingUnreachable
+from chipprune.surgery.masks import MaskError
+from chipprune.training import distributed
+from chipprune.training.checkpoint import CheckpointError
 
 
 def parse_budget(label: str) -> tuple[str, float]:
@@ -116,10 +117,10 @@ def grid_points(params: Any, dense_root: str | Path, data_root: str | Path,
     work, so a missing file fails before an MLflow run opens or an output is written."""
     import itertools
 
-    from chipprune.budgets import BudgetModel
-    from chipprune.checkpoint import load_checkpoint, model_from_checkpoint
+    from chipprune.budgets.exact import BudgetModel
+    from chipprune.budgets.latency_table import table_for_budget, table_path
     from chipprune.data import load_prepared
-    from chipprune.latency_table import table_for_budget, table_path
+    from chipprune.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     grid, lb = params.prune, params.latency_budget
     budgets = [(label, *parse_budget(label)) for label in grid.budgets]

@@ -8,13 +8,14 @@ from typing import Any
 
 from torch import nn
 
-from chipprune import distributed, tracking
 from chipprune.atomic import write_text
-from chipprune.checkpoint import make_checkpoint, save_checkpoint
 from chipprune.config import AugmentConfig, TrainConfig
 from chipprune.data import load_prepared
-from chipprune.resume import ResumeStore, fingerprint
-from chipprune.train import DeviceData, fit
+from chipprune.reporting import tracking
+from chipprune.training import distributed
+from chipprune.training.checkpoint import make_checkpoint, save_checkpoint
+from chipprune.training.loop import DeviceData, fit
+from chipprune.training.resume import ResumeStore, fingerprint
 from stages._common import RESUME_DIR, main_rank_run
 from stages.train_dense import history_csv
 

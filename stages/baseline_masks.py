@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from chipprune import tracking
-from chipprune.baselines import BASELINES, baseline_scores
+from chipprune.budgets.latency_table import TABLE_ROOT, latency_budget_doc
+from chipprune.budgets.thresholding import keep_at_budget
 from chipprune.config import ConfigError, load_params
-from chipprune.latency_table import TABLE_ROOT, latency_budget_doc
-from chipprune.masks import masks_from_keep, save_masks
-from chipprune.thresholding import keep_at_budget
+from chipprune.methods.baselines import BASELINES, baseline_scores
+from chipprune.reporting import tracking
+from chipprune.surgery.masks import masks_from_keep, save_masks
 from stages._common import atomic_dir, grid_points, run_main
 
 

@@ -12,16 +12,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from chipprune import tracking
 from chipprune.atomic import write_json
-from chipprune.checkpoint import load_checkpoint, model_from_checkpoint
+from chipprune.budgets.counting import measure_cost
+from chipprune.budgets.latency import latency_metrics
 from chipprune.config import load_params
-from chipprune.counting import measure_cost
 from chipprune.data import load_prepared
-from chipprune.latency import latency_metrics
 from chipprune.models import create_model
-from chipprune.records import run_tags
-from chipprune.train import DeviceData, evaluate, resolve_device
+from chipprune.reporting import tracking
+from chipprune.reporting.records import run_tags
+from chipprune.training.checkpoint import load_checkpoint, model_from_checkpoint
+from chipprune.training.loop import DeviceData, evaluate, resolve_device
 from stages._common import run_main
 
 

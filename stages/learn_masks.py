@@ -13,24 +13,25 @@ from pathlib import Path
 
 import torch
 
-from chipprune import distributed, tracking
 from chipprune.atomic import write_text
-from chipprune.budgets import BudgetModel
-from chipprune.checkpoint import (
+from chipprune.budgets.exact import BudgetModel
+from chipprune.budgets.latency_table import latency_budget_doc, table_for_budget
+from chipprune.config import ConfigError, ScheduleConfig, TrainConfig, load_params
+from chipprune.data import load_prepared
+from chipprune.methods.chipnet import ChipNetHooks, adamw
+from chipprune.methods.gates import ChannelGates
+from chipprune.reporting import tracking
+from chipprune.reporting.plots import gate_values_figure, save_png
+from chipprune.surgery.masks import masks_from_keep, save_masks
+from chipprune.training import distributed
+from chipprune.training.checkpoint import (
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from chipprune.chipnet import ChipNetHooks, adamw
-from chipprune.config import ConfigError, ScheduleConfig, TrainConfig, load_params
-from chipprune.data import load_prepared
-from chipprune.gates import ChannelGates
-from chipprune.latency_table import latency_budget_doc, table_for_budget
-from chipprune.masks import masks_from_keep, save_masks
-from chipprune.plots import gate_values_figure, save_png
-from chipprune.resume import ResumeStore, fingerprint
-from chipprune.train import DeviceData, fit, resolve_device, seed_everything
+from chipprune.training.loop import DeviceData, fit, resolve_device, seed_everything
+from chipprune.training.resume import ResumeStore, fingerprint
 from stages._common import RESUME_DIR, main_rank_run, parse_budget, run_main, start_ranks
 from stages.train_dense import history_csv
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from chipprune import tracking
 from chipprune.config import ConfigError, load_params
 from chipprune.data import prepare_dataset, save_prepared
+from chipprune.reporting import tracking
 from stages._common import atomic_dir, run_main
 
 

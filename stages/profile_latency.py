@@ -1,6 +1,6 @@
 """DVC stage `profile_latency`: the latency table of one architecture on the target device at
 the target batch size (params `latency_budget`), for the `latency` budget type -> table.json
-(per prunable conv, measured ms on a grid of in/out widths; chipprune.latency_table), MLflow.
+(per prunable conv, measured ms on a grid of in/out widths; chipprune.budgets.latency_table), MLflow.
 
     python -m stages.profile_latency <dataset> <model> <data_dir> <out_dir>
 
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from chipprune import tracking
 from chipprune.atomic import write_json
+from chipprune.budgets.latency import latency_by_format
+from chipprune.budgets.latency_profile import TorchTimer, best_checked, device_meta, profile_model
+from chipprune.budgets.latency_table import NOT_PROFILED
 from chipprune.config import ConfigError, load_params, parse_budget_label
 from chipprune.data import load_prepared
-from chipprune.latency import latency_by_format
-from chipprune.latency_profile import TorchTimer, best_checked, device_meta, profile_model
-from chipprune.latency_table import NOT_PROFILED
 from chipprune.models import create_model
+from chipprune.reporting import tracking
 from stages._common import run_main
 
 

@@ -12,12 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-from chipprune import tracking
 from chipprune.atomic import atomic_path, write_json, write_text
-from chipprune.checkpoint import load_checkpoint
 from chipprune.models import create_model
-from chipprune.plots import kept_channels_figure, save_png
-from chipprune.report import build_table, pareto_figure, to_markdown
+from chipprune.reporting import tracking
+from chipprune.reporting.plots import kept_channels_figure, save_png
+from chipprune.reporting.report import build_table, pareto_figure, to_markdown
+from chipprune.training.checkpoint import load_checkpoint
 from stages._common import run_main
 
 

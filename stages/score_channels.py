@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from chipprune import tracking
 from chipprune.atomic import write_json
-from chipprune.checkpoint import load_checkpoint, model_from_checkpoint
-from chipprune.chip import group_scores, score_channels
 from chipprune.config import load_params
 from chipprune.data import load_prepared
-from chipprune.plots import ci_distribution_figure, save_png
-from chipprune.train import DeviceData, random_crop_flip, resolve_device, seed_everything
+from chipprune.methods.chip import group_scores, score_channels
+from chipprune.reporting import tracking
+from chipprune.reporting.plots import ci_distribution_figure, save_png
+from chipprune.training.checkpoint import load_checkpoint, model_from_checkpoint
+from chipprune.training.loop import DeviceData, random_crop_flip, resolve_device, seed_everything
 from stages._common import run_main
 
 

@@ -15,11 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from chipprune import tracking
-from chipprune.checkpoint import load_checkpoint, model_from_checkpoint
-from chipprune.chip import rates_to_widths, select_top
 from chipprune.config import ConfigError, load_params
-from chipprune.masks import masks_from_keep, save_masks
+from chipprune.methods.chip import rates_to_widths, select_top
+from chipprune.reporting import tracking
+from chipprune.surgery.masks import masks_from_keep, save_masks
+from chipprune.training.checkpoint import load_checkpoint, model_from_checkpoint
 from stages._common import run_main
 from stages.select_channels import load_scores
 

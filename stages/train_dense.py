@@ -12,14 +12,15 @@ from pathlib import Path
 
 import torch
 
-from chipprune import distributed, tracking
 from chipprune.atomic import write_text
-from chipprune.checkpoint import make_checkpoint, save_checkpoint
 from chipprune.config import ConfigError, load_params
 from chipprune.data import load_prepared
 from chipprune.models import create_model
-from chipprune.resume import ResumeStore, fingerprint
-from chipprune.train import DeviceData, fit, resolve_device, seed_everything
+from chipprune.reporting import tracking
+from chipprune.training import distributed
+from chipprune.training.checkpoint import make_checkpoint, save_checkpoint
+from chipprune.training.loop import DeviceData, fit, resolve_device, seed_everything
+from chipprune.training.resume import ResumeStore, fingerprint
 from stages._common import RESUME_DIR, main_rank_run, run_main, start_ranks
 
 

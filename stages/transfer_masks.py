@@ -12,15 +12,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from chipprune.checkpoint import (
+from chipprune.config import ConfigError, load_params
+from chipprune.models import create_model
+from chipprune.surgery.masks import load_masks, validate_masks
+from chipprune.surgery.rebuild import prune_model
+from chipprune.training.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
 )
-from chipprune.config import ConfigError, load_params
-from chipprune.masks import load_masks, validate_masks
-from chipprune.models import create_model
-from chipprune.surgery import prune_model
-from chipprune.train import resolve_device, seed_everything
+from chipprune.training.loop import resolve_device, seed_everything
 from stages._common import run_main, start_ranks
 from stages._pruned_training import train_pruned
 

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-from chipprune import distributed
-from chipprune.budgets import BudgetModel
-from chipprune.chipnet import ChipNetHooks, adamw
+from chipprune.budgets.exact import BudgetModel
 from chipprune.config import AugmentConfig, DistributedConfig, ScheduleConfig, TrainConfig
 from chipprune.data import Split, load_prepared
-from chipprune.gates import ChannelGates
+from chipprune.methods.chipnet import ChipNetHooks, adamw
+from chipprune.methods.gates import ChannelGates
 from chipprune.models import create_model
-from chipprune.resume import ResumeStore
-from chipprune.train import DeviceData, TrainHooks, fit, seed_everything
+from chipprune.training import distributed
+from chipprune.training.loop import DeviceData, TrainHooks, fit, seed_everything
+from chipprune.training.resume import ResumeStore
 
 N_TRAIN, BATCH, EPOCHS = 128, 32, 2  # 4 steps per epoch, 8 in all
 AUG = AugmentConfig(crop_padding=2, flip=True)

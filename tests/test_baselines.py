@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chipprune.baselines import BASELINES, baseline_scores, l1_scores, uniform_scores
-from chipprune.budgets import COUNT_TYPES, BudgetModel
+from chipprune.budgets.exact import COUNT_TYPES, BudgetModel
+from chipprune.budgets.thresholding import keep_at_budget
+from chipprune.methods.baselines import BASELINES, baseline_scores, l1_scores, uniform_scores
 from chipprune.models import create_model
-from chipprune.thresholding import keep_at_budget
 
 
 @pytest.fixture(scope="module")

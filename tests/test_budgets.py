@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chipprune.budgets import COUNT_TYPES, BudgetModel
-from chipprune.counting import measure_cost
-from chipprune.gates import ChannelGates
+from chipprune.budgets.counting import measure_cost
+from chipprune.budgets.exact import COUNT_TYPES, BudgetModel
+from chipprune.budgets.thresholding import keep_at_budget
+from chipprune.methods.gates import ChannelGates
 from chipprune.models import create_model, list_models
-from chipprune.surgery import prune_model
-from chipprune.thresholding import keep_at_budget
+from chipprune.surgery.rebuild import prune_model
 
 SMALL = {"in_channels": 1, "num_classes": 5}
 

@@ -7,14 +7,14 @@ import pickle
 import pytest
 import torch
 
-from chipprune.checkpoint import (
+from chipprune.models import create_model
+from chipprune.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from chipprune.models import create_model
 
 
 def test_round_trip_rebuilds_model_from_file_alone(tmp_path):

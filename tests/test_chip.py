@@ -9,18 +9,18 @@ import re
 import pytest
 import torch
 
-from chipprune.chip import (
+from chipprune.budgets.counting import measure_cost
+from chipprune.data import prepare_dataset
+from chipprune.methods.chip import (
     group_scores,
     parse_rates,
     rates_to_widths,
     score_channels,
     select_top,
 )
-from chipprune.chip_ci import channel_independence, ci_definition, ci_gram
-from chipprune.counting import measure_cost
-from chipprune.data import prepare_dataset
+from chipprune.methods.chip_ci import channel_independence, ci_definition, ci_gram
 from chipprune.models import create_model
-from chipprune.train import DeviceData
+from chipprune.training.loop import DeviceData
 
 TOL = 1e-9
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chipprune.budgets import BudgetModel
-from chipprune.chipnet import ChipNetHooks, adamw
+from chipprune.budgets.exact import BudgetModel
 from chipprune.config import AugmentConfig, ScheduleConfig, TrainConfig
-from chipprune.gates import ChannelGates
+from chipprune.methods.chipnet import ChipNetHooks, adamw
+from chipprune.methods.gates import ChannelGates
 from chipprune.models import create_model
-from chipprune.resume import ResumeStore
-from chipprune.train import fit
+from chipprune.training.loop import fit
+from chipprune.training.resume import ResumeStore
 from tests.test_train import _data
 
 LOOP = TrainConfig(epochs=4, batch_size=16, schedule=ScheduleConfig(kind="constant"))
@@ -78,7 +78,7 @@ def test_resumed_run_continues_gates_and_schedule(tmp_path):
 def test_folding_gates_into_bn_reproduces_the_soft_model(name):
     """With every channel kept, the folded copy computes exactly what the gated model does
     (models without option-A shortcuts, whose gates all sit on BN outputs)."""
-    from chipprune.chipnet import folded_copy
+    from chipprune.methods.chipnet import folded_copy
 
     torch.manual_seed(0)
     kw = {"num_classes": 3, "in_channels": 1} | ({"cifar_stem": True} if name == "resnet18" else {})
@@ -102,7 +102,7 @@ def test_bn_recalibration_is_the_exact_average_over_its_batches():
     """After recalibration the stem BN's running mean is the mean of the stem conv's output
     over exactly the chosen images (equal batches: the mean of the batch means), whatever
     the statistics were before; momentum is restored."""
-    from chipprune.chipnet import recalibrate_bn
+    from chipprune.methods.chipnet import recalibrate_bn
 
     model, _, _ = _setup()
     data = _data(n=96)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from chipprune.counting import count_macs, count_macs_with_bn, count_params, measure_cost
+from chipprune.budgets.counting import count_macs, count_macs_with_bn, count_params, measure_cost
 from chipprune.models import create_model, list_models
 
 

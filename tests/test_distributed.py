@@ -26,8 +26,8 @@ import pytest
 import torch
 import yaml
 
-from chipprune import distributed
 from chipprune.data import prepare_dataset, save_prepared
+from chipprune.training import distributed
 from tests._ddp_worker import run
 from tests.conftest import REPO
 

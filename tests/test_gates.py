@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from chipprune.gates import ChannelGates, GateSchedule, heaviside
+from chipprune.methods.gates import ChannelGates, GateSchedule, heaviside
 from chipprune.models import create_model
 
 

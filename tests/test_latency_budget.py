@@ -14,15 +14,10 @@ import pytest
 import torch
 import yaml
 
-from chipprune.baselines import random_scores
-from chipprune.budgets import BudgetModel
-from chipprune.checkpoint import make_checkpoint, save_checkpoint
-from chipprune.config import ConfigError, parse_params
-from chipprune.data import prepare_dataset, save_prepared
-from chipprune.gates import ChannelGates
-from chipprune.latency import latency_metrics
-from chipprune.latency_profile import check_widths, profile_model
-from chipprune.latency_table import (
+from chipprune.budgets.exact import BudgetModel
+from chipprune.budgets.latency import latency_metrics
+from chipprune.budgets.latency_profile import check_widths, profile_model
+from chipprune.budgets.latency_table import (
     NOT_PROFILED,
     ConvOp,
     LatencyTableError,
@@ -31,10 +26,15 @@ from chipprune.latency_table import (
     monotone,
     width_grid,
 )
+from chipprune.budgets.thresholding import keep_at_budget
+from chipprune.config import ConfigError, parse_params
+from chipprune.data import prepare_dataset, save_prepared
+from chipprune.methods.baselines import random_scores
+from chipprune.methods.gates import ChannelGates
 from chipprune.models import create_model
 from chipprune.models.preresnet import PreResNet
-from chipprune.report import latency_key
-from chipprune.thresholding import keep_at_budget
+from chipprune.reporting.report import latency_key
+from chipprune.training.checkpoint import make_checkpoint, save_checkpoint
 from stages import baseline_masks, evaluate, learn_masks, profile_latency
 from stages._common import parse_budget, run_main
 from tests.conftest import REPO
@@ -510,7 +510,7 @@ def test_latency_metrics_report_both_formats_the_faster_and_the_speedup():
 def test_evaluate_stage_reports_both_formats_and_the_in_process_speedup(
     stage_env, mlflow_store, tmp_path
 ):
-    from chipprune.surgery import prune_model
+    from chipprune.surgery.rebuild import prune_model
 
     kwargs = {"num_classes": 10, "in_channels": 1}
     dense = create_model("resnet20", **kwargs)
@@ -544,9 +544,9 @@ def test_measured_table_predicts_a_pruned_model_within_a_generous_tolerance():
     tolerance (35% relative) is for a loaded shared machine; bench/pruned_speed.py prints the
     real check, goal 10%. As the stage does, a table whose own held-out check misses by more
     than 10% is profiled again (3 attempts)."""
-    from chipprune.latency import median_latency_ms
-    from chipprune.latency_profile import TorchTimer, best_checked
-    from chipprune.surgery import prune_model
+    from chipprune.budgets.latency import median_latency_ms
+    from chipprune.budgets.latency_profile import TorchTimer, best_checked
+    from chipprune.surgery.rebuild import prune_model
 
     torch.manual_seed(0)
     kwargs = {"num_classes": 10, "in_channels": 1}
@@ -577,7 +577,7 @@ def test_measured_table_predicts_a_pruned_model_within_a_generous_tolerance():
 def test_a_noisy_profile_is_repeated_and_the_best_checked_table_kept():
     from types import SimpleNamespace
 
-    from chipprune.latency_profile import best_checked
+    from chipprune.budgets.latency_profile import best_checked
 
     errors = iter([-0.70, 0.04, -0.01])
     calls = []

@@ -9,7 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from chipprune.masks import (
+from chipprune.models import create_model
+from chipprune.surgery.masks import (
     FORMAT,
     MaskError,
     kept_as_bool,
@@ -18,7 +19,6 @@ from chipprune.masks import (
     save_masks,
     validate_masks,
 )
-from chipprune.models import create_model
 
 KWARGS = {"num_classes": 10, "in_channels": 1, "shortcut": "A"}
 BUDGET = {"type": "flops", "target": 0.25, "achieved": 0.2531}

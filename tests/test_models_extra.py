@@ -11,13 +11,13 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from chipprune.budgets import BudgetModel
-from chipprune.counting import count_params, measure_cost
-from chipprune.masking import apply_hard_masks
-from chipprune.masks import kept_as_bool, masks_from_keep
+from chipprune.budgets.counting import count_params, measure_cost
+from chipprune.budgets.exact import BudgetModel
 from chipprune.models import ModelSpec, PrunableConv, PrunableNet, create_model
 from chipprune.models.mobilenetv2 import MobileNetV2
-from chipprune.surgery import _slice_plan, prune_model
+from chipprune.surgery.masking import apply_hard_masks
+from chipprune.surgery.masks import kept_as_bool, masks_from_keep
+from chipprune.surgery.rebuild import _slice_plan, prune_model
 
 
 def wrn_params(depth: int, k: int, classes: int) -> int:

@@ -183,8 +183,8 @@ def test_transfer_refuses_masks_of_another_architecture(repo, tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(params))
     # a resnet32 "student checkpoint": shapes differ from the resnet20 teacher masks
-    from chipprune.checkpoint import make_checkpoint, save_checkpoint
     from chipprune.models import create_model
+    from chipprune.training.checkpoint import make_checkpoint, save_checkpoint
 
     kw = {"num_classes": 5, "in_channels": 1, "shortcut": "A"}
     save_checkpoint(make_checkpoint(create_model("resnet32", **kw), "resnet32", kw), tmp_path / "s.pt")

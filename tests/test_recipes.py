@@ -10,9 +10,9 @@ import sys
 import pytest
 import yaml
 
-from chipprune.chip import rates_to_widths
+from chipprune.budgets.counting import measure_cost
 from chipprune.config import parse_params
-from chipprune.counting import measure_cost
+from chipprune.methods.chip import rates_to_widths
 from chipprune.models import create_model
 from tests.conftest import REPO
 
@@ -96,8 +96,8 @@ def test_chipnet_resnet50_at_12_5_percent_volume_is_in_the_published_range():
     of magnitude, and the budget itself is met exactly."""
     import torch
 
-    from chipprune.budgets import BudgetModel
-    from chipprune.thresholding import keep_at_budget
+    from chipprune.budgets.exact import BudgetModel
+    from chipprune.budgets.thresholding import keep_at_budget
 
     bm = BudgetModel.from_model(create_model("resnet50", cifar_stem=True, num_classes=10),
                                 (3, 32, 32))

@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 
-from chipprune.report import build_table, latency_key, to_markdown
+from chipprune.reporting.report import build_table, latency_key, to_markdown
 
 
 def rec(method, dataset, top1, macs, lat, budget=None, teacher=None, model="resnet20"):
@@ -58,7 +58,7 @@ def test_markdown_has_a_row_per_run():
 
 def test_mlflow_tags_round_trip_to_the_same_record():
     """evaluate writes run_tags; pipelines.compare rebuilds the record from tags + metrics."""
-    from chipprune.records import record_from_run, run_tags
+    from chipprune.reporting.records import record_from_run, run_tags
 
     metrics = {"test_top1": 0.9, "params_fraction": 0.3, "macs_fraction": 0.25,
                "latency_ms_bs8": 2.0}

@@ -13,17 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chipprune.checkpoint import (
+from chipprune.budgets.counting import measure_cost
+from chipprune.models import ChannelMapShortcut, PrunableNet, create_model, list_models
+from chipprune.surgery.masking import apply_hard_masks, attach_channel_scales
+from chipprune.surgery.masks import kept_as_bool, masks_from_keep
+from chipprune.surgery.rebuild import prune_model
+from chipprune.training.checkpoint import (
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from chipprune.counting import measure_cost
-from chipprune.masking import apply_hard_masks, attach_channel_scales
-from chipprune.masks import kept_as_bool, masks_from_keep
-from chipprune.models import ChannelMapShortcut, PrunableNet, create_model, list_models
-from chipprune.surgery import prune_model
 
 MODELS = list_models()
 INPUT = (1, 16, 16)  # (C, H, W): small and grey, every model takes it

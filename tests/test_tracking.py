@@ -6,7 +6,7 @@ import json
 
 import mlflow
 
-from chipprune import tracking
+from chipprune.reporting import tracking
 
 
 def test_stage_run_nests_under_parent_and_writes_run_id(tmp_path, mlflow_store, monkeypatch):

@@ -9,8 +9,8 @@ import torch
 
 from chipprune.config import AugmentConfig, ScheduleConfig, TrainConfig
 from chipprune.models import create_model
-from chipprune.resume import ResumeStore
-from chipprune.train import DeviceData, evaluate, fit, lr_multiplier, random_crop_flip
+from chipprune.training.loop import DeviceData, evaluate, fit, lr_multiplier, random_crop_flip
+from chipprune.training.resume import ResumeStore
 
 
 def test_random_crop_flip_matches_explicit_slicing():

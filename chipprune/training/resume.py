@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from chipprune import atomic
-from chipprune.checkpoint import load_file
+from chipprune.training.checkpoint import load_file
 
 
 def fingerprint(*parts: Any) -> str:

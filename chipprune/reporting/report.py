@@ -7,8 +7,8 @@ import re
 
 import pandas as pd
 
-from chipprune.published import published_for
-from chipprune.records import budget_label
+from chipprune.reporting.published import published_for
+from chipprune.reporting.records import budget_label
 
 COLUMNS = [
     "method", "dataset", "teacher", "protocol", "model", "budget_type", "target",
@@ -47,7 +47,7 @@ def build_table(records: list[dict], latency_field: str | None = None) -> pd.Dat
 
     delta_top1 and speedup are against the dense model of the same dataset and architecture;
     speedup / (1 / macs_fraction) says how much of the MACs reduction the hardware delivers.
-    published_*: the paper's figures for the row's configuration (chipprune.published).
+    published_*: the paper's figures for the row's configuration (chipprune.reporting.published).
     """
     latency_field = latency_field or (latency_key(records) if records else None)
     rows = []
@@ -98,7 +98,7 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 def pareto_figure(df: pd.DataFrame, title: str):
     """Top-1 against MACs fraction, one line per method (dense as a star)."""
-    from chipprune.plots import plt
+    from chipprune.reporting.plots import plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     pruned = df[(df["method"] != "dense") & (df["teacher"] == "")]

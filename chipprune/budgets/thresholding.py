@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chipprune.budgets import BudgetModel
+from chipprune.budgets.exact import BudgetModel
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from chipprune import distributed
 from chipprune.config import AugmentConfig, ScheduleConfig, TrainConfig
-from chipprune.resume import ResumeStore
+from chipprune.training import distributed
+from chipprune.training.resume import ResumeStore
 
 
 @dataclass
@@ -189,7 +189,7 @@ def fit(
 ) -> FitResult:
     """Train `model` for cfg.epochs on device tensors; returns the per-epoch history.
 
-    In a process group (see `chipprune.distributed`) every rank calls it alike: the model is
+    In a process group (see `chipprune.training.distributed`) every rank calls it alike: the model is
     wrapped in DDP, each rank trains on its slice of every global batch of cfg.batch_size,
     metrics are all-reduced, and rank 0 alone saves the resume state, logs and prints."""
     device = train.images.device

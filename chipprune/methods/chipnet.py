@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from chipprune.budgets import BudgetModel
-from chipprune.gates import ChannelGates, GateSchedule
-from chipprune.masking import apply_hard_masks
-from chipprune.thresholding import keep_at_budget
-from chipprune.train import DeviceData, TrainHooks, evaluate
+from chipprune.budgets.exact import BudgetModel
+from chipprune.budgets.thresholding import keep_at_budget
+from chipprune.methods.gates import ChannelGates, GateSchedule
+from chipprune.surgery.masking import apply_hard_masks
+from chipprune.training.loop import DeviceData, TrainHooks, evaluate
 
 
 def adamw(model: nn.Module, gates: ChannelGates, lr: float, weight_decay: float,

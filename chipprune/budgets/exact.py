@@ -12,7 +12,7 @@ budget is 25% of what counting.py reports. Channel and volume follow their defin
 sum n_l / sum C_l and sum n_l A_l / sum C_l A_l over prunable convs.
 
 A fifth type, latency, is the model's predicted time on a target device and batch size from
-a per-layer table of measured times (`chipprune.latency_table`): a BudgetModel carries one
+a per-layer table of measured times (`chipprune.budgets.latency_table`): a BudgetModel carries one
 only when given (`from_model(..., latency=table)`); asking for it otherwise is an error that
 names the missing table.
 """
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from chipprune.counting import conv_feature_sizes, measure_cost
-from chipprune.latency_table import LatencyTable
+from chipprune.budgets.counting import conv_feature_sizes, measure_cost
+from chipprune.budgets.latency_table import LatencyTable
 from chipprune.models import Branch, PrunableNet
 
 COUNT_TYPES = ("channel", "volume", "params", "flops")  # exact polynomials in the widths

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from chipprune.masking import attach_channel_scales
 from chipprune.models import PrunableNet
+from chipprune.surgery.masking import attach_channel_scales
 
 
 def heaviside(psi: torch.Tensor, gamma: float) -> torch.Tensor:

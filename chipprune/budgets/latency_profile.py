@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from chipprune.latency_table import (
+from chipprune.budgets.latency_table import (
     ConvOp,
     LatencyTable,
     LayerTable,
@@ -134,7 +134,7 @@ def profile_model(
 
 class TorchTimer:
     """The real timer: the op as a module on `device` in `dtype`, a random input in
-    `memory_format`, synchronised, the median of `repeats` forwards (chipprune.latency).
+    `memory_format`, synchronised, the median of `repeats` forwards (chipprune.budgets.latency).
     Modules are built once per point and warmed up (`warmup` forwards) on first use only,
     so later rounds of `profile_model` time them directly."""
 
@@ -154,7 +154,7 @@ class TorchTimer:
               shape: tuple[int, ...], batch_size: int) -> float:
         """The module cached under `key` (built and moved to the device on first use, then
         warmed up `warmup` times; later calls warm up once), the median of `repeats`."""
-        from chipprune.latency import median_latency_ms
+        from chipprune.budgets.latency import median_latency_ms
 
         first = key not in cache
         if first:

@@ -34,7 +34,7 @@ held-out error. The hard form (integer widths on the grid: `step` = `prune.round
 exact sum of table entries; the soft form is the same function of float tensors and equals
 it at grid widths; off the grid both interpolate.
 
-Making a table (timing every grid point) is `chipprune.latency_profile`; this module is the
+Making a table (timing every grid point) is `chipprune.budgets.latency_profile`; this module is the
 table itself: its format, the layer plan it is checked against, and the prediction.
 """
 
@@ -49,8 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from chipprune.budgets.counting import conv_feature_sizes
 from chipprune.config import ConfigError
-from chipprune.counting import conv_feature_sizes
 from chipprune.models import PrunableNet
 
 FORMAT = "chipprune.latency_table/1"

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from chipprune.chip_ci import channel_independence, ci_definition
+from chipprune.methods.chip_ci import channel_independence, ci_definition
 from chipprune.models import ModelSpec
 
 __all__ = [

@@ -1,0 +1,2 @@
+"""What people read: MLflow tracking, evaluate records as tags, the comparison report, plots,
+and the papers' published figures."""
