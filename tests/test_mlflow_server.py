@@ -17,7 +17,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 LOG_ONE_RUN = (
-    "from chipprune import tracking\n"
+    "from chipprune.reporting import tracking\n"
     "with tracking.stage_run('probe', {'a': 1}, 'run.json'):\n"
     "    import mlflow; mlflow.log_metric('m', 2.5)\n"
 )
