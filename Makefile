@@ -22,6 +22,11 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	python -m pipelines.mlflow_server -- dvc repro
 	@cat results/report.md
+	@echo
+	@echo "Full table: results/report.csv and results/report.md; Pareto plot: results/pareto.png"
+	@echo "Charts:      dvc plots show   (writes dvc_plots/index.html, renders offline)"
+	@echo "Runs:        mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1"
+	@echo "Experiments: dvc exp show"
 
 test: setup
 	ruff check .
