@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test lint bench plots-screenshot clean-runs
+.PHONY: setup run test lint docs bench plots-screenshot clean-runs
 
 setup: $(VENV)/.installed
 
@@ -30,10 +30,14 @@ run: setup
 
 test: setup
 	ruff check .
+	mkdocs build --strict --quiet
 	pytest -q
 
 lint: setup
 	ruff check .
+
+docs: setup
+	mkdocs build --strict --quiet
 
 bench: setup
 	python bench/train_throughput.py
