@@ -1,5 +1,5 @@
 # make run: set-up + the default pipeline (dvc repro) on the embedded dataset, CPU, no network.
-# make test: set-up + ruff + pytest.
+# make test: set-up + ruff + the strict docs build + pytest. make docs: the docs site in .site/.
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 PYTHON ?= python3
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup
 	python -m pipelines.mlflow_server -- dvc repro
-	@cat results/report.md
+	@cat results/report.txt
 	@echo
 	@echo "Full table: results/report.csv and results/report.md; Pareto plot: results/pareto.png"
 	@echo "Charts:      dvc plots show   (writes dvc_plots/index.html, renders offline)"
@@ -31,7 +31,8 @@ run: setup
 test: setup
 	ruff check .
 	mkdocs build --strict --quiet
-	pytest -q
+	pytest -q -n 2 --dist loadfile -m "not timing"   # a test module's tests share one worker (its fixtures)
+	pytest -q -m timing                             # wall-clock assertions, on an otherwise idle machine
 
 lint: setup
 	ruff check .

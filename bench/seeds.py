@@ -69,8 +69,9 @@ def main() -> None:
                     learn_masks.main([args.dataset, args.model, budget, data, dense, str(masks), *p])
                 tuned = work / f"ft-{method}-{budget}-{seed}"
                 finetune.main([str(masks), dense, data, str(tuned), *p])
-                evaluate.main([str(tuned / "checkpoint.pt"), data, str(tuned / "eval"), *p])
-                m = json.loads((tuned / "eval/metrics.json").read_text())
+                evaluate.main([str(tuned / "eval"), "--run", "tuned", str(tuned / "checkpoint.pt"),
+                               data, *p])
+                m = json.loads((tuned / "eval/tuned/metrics.json").read_text())
                 top1.setdefault((method, budget), []).append(m["test_top1"])
 
     print(f"\n{args.model} on {args.dataset}, seeds {args.seeds}")

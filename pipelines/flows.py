@@ -221,14 +221,12 @@ def sweep(
                 repro = sweep_tasks.dvc_step.submit(
                     made, name, ["repro", *(dvc_targets or [])], env, wait_for=[checkout]
                 )
-                metrics = sweep_tasks.dvc_step.submit(
-                    made, name, ["metrics", "show", "--json"], env, wait_for=[repro]
-                )
+                metrics = sweep_tasks.evaluation_rows.submit(name, o, ws, wait_for=[repro])
                 wave.append((name, o, run, ws, metrics))
-            for name, o, run, ws, metrics in wave:
+            for name, _o, run, ws, metrics in wave:
                 metrics.wait()
                 if metrics.state.is_completed():
-                    rows += sweep_tasks.metrics_rows(name, o, metrics.result())
+                    rows += metrics.result()
                 else:
                     failed[name] = "failed"
                 close_parent_run(ws, run, [], {name: "failed"} if name in failed else {})

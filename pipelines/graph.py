@@ -38,6 +38,19 @@ def _address(stage: Any, root: Path) -> str:
     return name if rel == "dvc.yaml" else f"{rel}:{name}"
 
 
+def _run_id_files(stage: Any, root: Path) -> tuple[str, ...]:
+    """Where a stage writes its MLflow run id: an `mlflow_run.json` output of its own, or else
+    the top of a directory output (select_channels, baseline_masks, evaluate write it there)."""
+    def rel(path: str) -> str:
+        return Path(os.path.relpath(path, root)).as_posix()
+
+    named = tuple(rel(o.fs_path) for o in stage.outs if PurePath(o.fs_path).name == RUN_ID_FILE)
+    if named:
+        return named
+    return tuple(f"{rel(o.fs_path)}/{RUN_ID_FILE}" for o in stage.outs
+                 if not PurePath(o.fs_path).suffix)
+
+
 def plan_stages(repo: str | os.PathLike[str], targets: list[str] | None = None) -> list[StageSpec]:
     """Every stage `dvc repro [targets]` would visit, dependencies first.
 
@@ -59,11 +72,7 @@ def plan_stages(repo: str | os.PathLike[str], targets: list[str] | None = None) 
             StageSpec(
                 name=_address(stage, root),
                 upstream=tuple(_address(dep, root) for dep in graph.successors(stage) if dep in planned),
-                run_id_files=tuple(
-                    Path(os.path.relpath(out.fs_path, root)).as_posix()
-                    for out in stage.outs
-                    if PurePath(out.fs_path).name == RUN_ID_FILE
-                ),
+                run_id_files=_run_id_files(stage, root),
                 cmd=" && ".join(stage.cmd) if isinstance(stage.cmd, list) else (stage.cmd or ""),
             )
             for stage in order

@@ -52,10 +52,13 @@ def local_server(store: str, port: int = 0, timeout: float = 90.0) -> Iterator[s
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     log = tempfile.TemporaryFile()
+    # No server-side job execution: it runs GenAI jobs we never submit, as three huey
+    # consumer processes polling the store, about half a core on a 2-core machine.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )
     try:
         deadline = time.monotonic() + timeout

@@ -192,23 +192,18 @@ def dvc_step(workspace: str, name: str, args: list[str], env: dict[str, str]) ->
     return run_cli(dvc(*args), workspace, tool_env(env), stdout_only="--json" in args)
 
 
-def metrics_rows(name: str, overrides: dict[str, Any], metrics_json: str) -> list[dict[str, Any]]:
-    """`dvc metrics show --json` -> one row per metrics file, scalar values only; files the
-    experiment did not build (an error entry) are left out."""
+@task(task_run_name="{name}: read evaluations", cache_policy=NO_CACHE)
+def evaluation_rows(name: str, overrides: dict[str, Any], workspace: str) -> list[dict[str, Any]]:
+    """One row per model the experiment evaluated (the evaluate stage's
+    runs/evaluate/<run>/metrics.json in its workspace), scalar values only."""
     rows = []
-    for rev in json.loads(metrics_json).values():
-        for path, entry in sorted((rev.get("data") or {}).items()):
-            data = entry.get("data")
-            if not data:
-                continue
-            row: dict[str, Any] = {
-                "experiment": name,
-                "overrides": label(overrides),
-                "run": Path(path).parent.parent.name,  # runs/<kind>/<run>/eval/metrics.json
-                "metrics_file": path,
-            }
-            row.update({k: v for k, v in data.items() if isinstance(v, str | int | float | bool)})
-            rows.append(row)
+    for path in sorted(Path(workspace, "runs", "evaluate").glob("*/metrics.json")):
+        data = json.loads(path.read_text())
+        row: dict[str, Any] = {"experiment": name, "overrides": label(overrides),
+                               "run": path.parent.name,
+                               "metrics_file": path.relative_to(workspace).as_posix()}
+        row.update({k: v for k, v in data.items() if isinstance(v, str | int | float | bool)})
+        rows.append(row)
     return rows
 
 

@@ -137,3 +137,37 @@ def grid_points(params: Any, dense_root: str | Path, data_root: str | Path,
                                     model, BudgetModel.from_model(model, shape, latency=table),
                                     kind, target, table))
     return points
+
+
+@dataclass(frozen=True)
+class EvaluatedRun:
+    """One checkpoint the pipeline evaluates: a dense model, a fine-tuned grid point, a CHIP
+    rate configuration or a transfer pair, with the prepared dataset it is tested on."""
+
+    name: str  # the report's and MLflow's name, e.g. chipnet-flops-0.25-digits-resnet20
+    checkpoint: Path
+    data_dir: Path
+
+
+def evaluated_runs(params: Any, runs_root: str | Path = "runs",
+                   data_root: str | Path = "data/prepared") -> list[EvaluatedRun]:
+    """Every checkpoint dvc.yaml trains, read from params (not a glob of runs/, which would
+    also find the leftovers of grid points since removed), in the report's order."""
+    import itertools
+
+    runs, data = Path(runs_root), Path(data_root)
+    out = [EvaluatedRun(f"dense-{ds}-{m}", runs / "dense" / f"{ds}-{m}" / "checkpoint.pt", data / ds)
+           for ds, m in itertools.product(params.dense.datasets, params.dense.models)]
+    if params.prune is not None:
+        g = params.prune
+        for method, budget, ds, m in itertools.product(g.methods, g.budgets, g.datasets, g.models):
+            name = f"{method}-{budget}-{ds}-{m}"
+            out.append(EvaluatedRun(name, runs / "finetune" / name / "checkpoint.pt", data / ds))
+    for key, rc in params.chip_rates.items():
+        out.append(EvaluatedRun(f"chip-rates-{key}",
+                                runs / "finetune" / f"chip-rates-{key}" / "checkpoint.pt",
+                                data / rc.dataset))
+    for key, pair in params.transfer.pairs.items():
+        out.append(EvaluatedRun(f"transfer-{key}", runs / "finetune" / f"transfer-{key}" / "checkpoint.pt",
+                                data / pair.student))
+    return out

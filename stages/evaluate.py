@@ -1,9 +1,17 @@
-"""DVC stage `evaluate`: any checkpoint (dense or pruned) on the test split: top-1/top-5,
-params, MACs and measured latency (NCHW and channels_last, the faster as `latency_ms_bs<N>`,
-and `speedup_bs<N>` against the dense architecture timed in the same process) -> metrics JSON
-(DVC metrics) and MLflow.
+"""DVC stage `evaluate`: every checkpoint the pipeline trains (dense models, fine-tuned grid
+points, CHIP rate configurations, transfer pairs; the list comes from params.yaml), in one
+process: test top-1/top-5, params, MACs and measured latency (NCHW and channels_last, the
+faster as `latency_ms_bs<N>`, `speedup_bs<N>` against the dense architecture timed in the
+same process) -> <out_dir>/<name>/metrics.json and one MLflow run per model, nested under
+the stage's run.
 
-    python -m stages.evaluate <checkpoint> <data_dir> <out_dir>
+    python -m stages.evaluate <out_dir> [--only NAME ...]
+    python -m stages.evaluate <out_dir> --run NAME CHECKPOINT DATA_DIR [--run ...]
+
+One stage rather than one per model: an evaluation costs a second here, a stage process
+about ten (imports, MLflow, DVC's lock file). `--run` evaluates given checkpoints instead of
+the params grid (benchmarks, tests). Every checkpoint is found before any work; the folder
+is built aside and replaces <out_dir> when complete.
 """
 
 from __future__ import annotations
@@ -11,89 +19,128 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from chipprune.atomic import write_json
 from chipprune.budgets.counting import measure_cost
 from chipprune.budgets.latency import latency_metrics
-from chipprune.config import load_params
+from chipprune.config import ConfigError, EvaluateConfig, load_params
 from chipprune.data import load_prepared
 from chipprune.models import create_model
 from chipprune.reporting import tracking
 from chipprune.reporting.records import run_tags
 from chipprune.training.checkpoint import load_checkpoint, model_from_checkpoint
 from chipprune.training.loop import DeviceData, evaluate, resolve_device
-from stages._common import run_main
+from stages._common import EvaluatedRun, atomic_dir, evaluated_runs, run_main
+
+
+def evaluate_checkpoint(run: EvaluatedRun, cfg: EvaluateConfig, device: Any) -> dict[str, Any]:
+    """The metrics record of one checkpoint (what metrics.json holds)."""
+    ckpt = load_checkpoint(run.checkpoint)
+    data = load_prepared(run.data_dir, splits=("test",))
+    model = model_from_checkpoint(ckpt, run.checkpoint)
+    model.to(device).eval()
+    shape = tuple(data.meta["image_shape"])
+
+    test = DeviceData.from_split(data.splits["test"], data.meta, device)
+    acc = evaluate(model, test, cfg.batch_size)
+    cost = measure_cost(model, shape)
+    dense_kwargs = {k: v for k, v in ckpt["model_kwargs"].items() if k not in ("widths", "kept")}
+    dense_model = create_model(ckpt["model_name"], **dense_kwargs)
+    dense_cost = measure_cost(dense_model, shape)
+    # both memory formats; latency_ms_bs<N> is the faster, speedup_bs<N> against the dense
+    # architecture timed here too (a dense checkpoint is its own reference: 1.0)
+    pruned = bool(set(ckpt["model_kwargs"]) & {"widths", "kept"})
+    reference = dense_model.to(device) if pruned and cfg.latency.dense_reference else None
+    latency, formats = latency_metrics(model, shape, cfg.latency.batch_sizes, device,
+                                       cfg.latency.warmup, cfg.latency.repeats, reference,
+                                       rounds=cfg.latency.rounds)
+    if not pruned:
+        latency |= {f"speedup_bs{bs}": 1.0 for bs in cfg.latency.batch_sizes}
+    masks = ckpt.get("masks", {})
+    return {
+        "test_top1": acc["top1"],
+        "test_top5": acc["top5"],
+        "test_loss": acc["loss"],
+        "params": cost.params,
+        "macs": cost.macs,
+        "macs_with_bn": cost.macs_with_bn,
+        "params_fraction": cost.params / dense_cost.params,
+        "macs_fraction": cost.macs / dense_cost.macs,
+        **latency,
+        "model": ckpt["model_name"],
+        "model_kwargs": dense_kwargs,  # widths / kept live in the checkpoint
+        "method": masks.get("method", "dense"),
+        "budget": masks.get("budget"),
+        "teacher": masks.get("teacher"),
+        "protocol": masks.get("protocol"),
+        "dataset": data.meta.get("name"),
+        "device": str(device),
+        **formats,  # latency_format_bs<N>: the faster memory format
+        "test_size": len(test),
+        "checkpoint": str(run.checkpoint),
+    }
+
+
+def _targets(args: argparse.Namespace) -> list[EvaluatedRun]:
+    if args.run:
+        runs = [EvaluatedRun(n, Path(c), Path(d)) for n, c, d in args.run]
+    else:
+        runs = evaluated_runs(load_params(args.params), args.runs_root, args.data_root)
+        if args.only:
+            known = {r.name for r in runs}
+            unknown = sorted(set(args.only) - known)
+            if unknown:
+                raise ConfigError(f"--only {', '.join(unknown)}: not a run of {args.params}; "
+                                  f"its runs: {', '.join(sorted(known))}")
+            runs = [r for r in runs if r.name in args.only]
+    names = [r.name for r in runs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"runs named twice: {repeated}")
+    for r in runs:  # all found before any work
+        if not r.checkpoint.is_file():
+            raise FileNotFoundError(f"{r.name}: no checkpoint at {r.checkpoint}")
+        if not (r.data_dir / "meta.json").is_file():
+            raise FileNotFoundError(f"{r.name}: no prepared dataset at {r.data_dir}")
+    return runs
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="stages.evaluate", description=__doc__)
-    ap.add_argument("checkpoint")
-    ap.add_argument("data_dir")
+    ap = argparse.ArgumentParser(prog="stages.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
-    ap.add_argument("--name", help="run name (defaults to the checkpoint's folder)")
+    ap.add_argument("--only", action="append", metavar="NAME",
+                    help="evaluate only this run of the params grid (repeatable)")
+    ap.add_argument("--run", action="append", nargs=3, metavar=("NAME", "CHECKPOINT", "DATA_DIR"),
+                    help="evaluate this checkpoint instead of the params grid (repeatable)")
+    ap.add_argument("--runs-root", default="runs")
+    ap.add_argument("--data-root", default="data/prepared")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
 
     cfg = load_params(args.params).evaluate
-    ckpt = load_checkpoint(args.checkpoint)
-    data = load_prepared(Path(args.data_dir), splits=("test",))
-    model = model_from_checkpoint(ckpt, args.checkpoint)
+    runs = _targets(args)
     device = resolve_device(cfg.device)
-    model.to(device).eval()
-    shape = tuple(data.meta["image_shape"])
-
-    name = f"evaluate@{args.name or Path(args.checkpoint).parent.name}"
-    out = Path(args.out_dir)
-    with tracking.stage_run(
-        name, {"evaluate": cfg.model_dump(), "checkpoint": args.checkpoint},
-        out / "mlflow_run.json", inputs={"checkpoint": args.checkpoint},
-    ):
+    config = {"evaluate": cfg.model_dump(), "runs": {r.name: str(r.checkpoint) for r in runs}}
+    with atomic_dir(args.out_dir) as tmp, \
+            tracking.stage_run("evaluate", config, tmp / "mlflow_run.json") as stage:
         import mlflow
 
-        test = DeviceData.from_split(data.splits["test"], data.meta, device)
-        acc = evaluate(model, test, cfg.batch_size)
-        cost = measure_cost(model, shape)
-        dense_kwargs = {k: v for k, v in ckpt["model_kwargs"].items() if k not in ("widths", "kept")}
-        dense_model = create_model(ckpt["model_name"], **dense_kwargs)
-        dense_cost = measure_cost(dense_model, shape)
-        # both memory formats; latency_ms_bs<N> is the faster, speedup_bs<N> against the
-        # dense architecture timed here too (a dense checkpoint is its own reference: 1.0)
-        pruned = bool(set(ckpt["model_kwargs"]) & {"widths", "kept"})
-        reference = dense_model.to(device) if pruned and cfg.latency.dense_reference else None
-        latency, formats = latency_metrics(model, shape, cfg.latency.batch_sizes, device,
-                                           cfg.latency.warmup, cfg.latency.repeats, reference,
-                                           rounds=cfg.latency.rounds)
-        if not pruned:
-            latency |= {f"speedup_bs{bs}": 1.0 for bs in cfg.latency.batch_sizes}
-        metrics = {
-            "test_top1": acc["top1"],
-            "test_top5": acc["top5"],
-            "test_loss": acc["loss"],
-            "params": cost.params,
-            "macs": cost.macs,
-            "macs_with_bn": cost.macs_with_bn,
-            "params_fraction": cost.params / dense_cost.params,
-            "macs_fraction": cost.macs / dense_cost.macs,
-            **latency,
-        }
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        report = {
-            **metrics,
-            "model": ckpt["model_name"],
-            "model_kwargs": dense_kwargs,  # widths / kept live in the checkpoint
-            "method": ckpt.get("masks", {}).get("method", "dense"),
-            "budget": ckpt.get("masks", {}).get("budget"),
-            "teacher": ckpt.get("masks", {}).get("teacher"),
-            "protocol": ckpt.get("masks", {}).get("protocol"),
-            "dataset": data.meta.get("name"),
-            "device": str(device),
-            **formats,  # latency_format_bs<N>: the faster memory format
-            "test_size": len(test),
-        }
-        mlflow.set_tags(run_tags(report))  # `python -m pipelines.compare` reads these
-        write_json(out / "metrics.json", report)
-        mlflow.log_artifact(str(out / "metrics.json"))
-    print(f"{name}: top1 {acc['top1']:.4f} params {cost.params:,} MACs {cost.macs:,}", flush=True)
+        for r in runs:
+            tags = {"chipprune.evaluated": r.name,  # a model, not a stage: no chipprune.stage
+                    "input.checkpoint.sha256": tracking.file_sha256(r.checkpoint)}
+            with mlflow.start_run(run_name=f"evaluate@{r.name}", nested=True, tags=tags,
+                                  experiment_id=stage.info.experiment_id):
+                report = evaluate_checkpoint(r, cfg, device)
+                mlflow.log_params({"checkpoint": str(r.checkpoint), "data": str(r.data_dir)})
+                mlflow.log_metrics({k: float(v) for k, v in report.items()
+                                    if isinstance(v, int | float) and not isinstance(v, bool)})
+                mlflow.set_tags(run_tags(report))  # `python -m pipelines.compare` reads these
+                write_json(tmp / r.name / "metrics.json", report)
+                mlflow.log_artifact(str(tmp / r.name / "metrics.json"))
+            print(f"evaluate@{r.name}: top1 {report['test_top1']:.4f} params "
+                  f"{report['params']:,} MACs {report['macs']:,}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,36 +1,46 @@
 """DVC stage `report`: one table of every evaluated run (dense, every method, transfers),
-read from the evaluate metrics files -> CSV (dvc plots), JSON (dvc metrics), Markdown,
-a Pareto PNG (top-1 vs MACs fraction per method) and a PNG of kept channels per layer.
+read from the evaluate stage's metrics files, and the charts `dvc plots show` draws.
 
-    python -m stages.report <out_dir> <runs_dir>...
+    python -m stages.report <out_dir> <eval_dir> [--figure docs/img/pareto.png]
+
+Writes, under <out_dir>: report.csv (every column), report.md (the same, Markdown),
+report.txt (the table as it fits a 100-column terminal), metrics.json (DVC's one metrics
+file: test top-1 per run), pareto.png (top-1 against MACs fraction per method, also copied
+to --figure, the README's picture), kept_channels.png, and the data of dvc.yaml's top-level
+plots: report.csv itself (one point a run) and curves/ (long form: series, epoch, value): finetune-<budget>-<dataset>-<model>.csv, every method's fine-tune validation top-1
+at one budget, and chipnet-<budget>-<dataset>-<model>.csv, ChipNet's soft and hard
+validation top-1 and achieved budget per epoch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
+
+import pandas as pd
 
 from chipprune.atomic import atomic_path, write_json, write_text
 from chipprune.models import create_model
 from chipprune.reporting import tracking
 from chipprune.reporting.plots import kept_channels_figure, save_png
-from chipprune.reporting.report import build_table, pareto_figure, to_markdown
+from chipprune.reporting.report import (
+    build_table,
+    curves,
+    pareto_figure,
+    summary_metrics,
+    terminal_table,
+    to_markdown,
+)
 from chipprune.training.checkpoint import load_checkpoint
-from stages._common import run_main
+from stages._common import atomic_dir, run_main
 
 
-def run_label(row) -> str:
-    if row.method == "dense":
-        return f"dense-{row.dataset}-{row.model}"
-    teacher = f"{row.teacher}-to-" if row.teacher else ""
-    return f"{row.method}-{row.budget_type}-{row.target}-{teacher}{row.dataset}-{row.model}"
-
-
-def kept_per_layer(metrics_file: str) -> dict[str, int]:
+def kept_per_layer(checkpoint: str) -> dict[str, int]:
     """Conv name -> kept channels, from the evaluated checkpoint's widths."""
-    ckpt = load_checkpoint(Path(metrics_file).parent.parent / "checkpoint.pt")
+    ckpt = load_checkpoint(checkpoint)
     widths = ckpt["model_kwargs"].get("widths", {})
     dense_kwargs = {k: v for k, v in ckpt["model_kwargs"].items() if k not in ("widths", "kept")}
     spec = create_model(ckpt["model_name"], **dense_kwargs).describe()
@@ -60,16 +70,46 @@ def kept_channels_png(df, path: Path) -> None:
     save_png(kept_channels_figure(kept, dense, title), path)
 
 
+def _history(folder: Path) -> pd.DataFrame | None:
+    f = folder / "history.csv"
+    return pd.read_csv(f) if f.is_file() else None
+
+
+def curve_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """File name -> long-form curves: per budget, every method's fine-tune validation top-1;
+    per ChipNet run, its soft and hard validation and achieved budget (the history of
+    runs/chipnet/<point>, next to runs/finetune/chipnet-<point>)."""
+    tables = {}
+    pruned = df[(df["method"] != "dense") & (df["teacher"] == "") & df["target"].notna()]
+    for _, g in pruned.groupby(["dataset", "model", "budget_type", "target"], sort=False):
+        point = Path(g.iloc[0].source).parent.name.split("-", 1)[1]  # <budget>-<dataset>-<model>
+        hist = {r.method: h for r in g.itertuples(index=False)
+                if (h := _history(Path(r.source).parent)) is not None}
+        if hist:
+            tables[f"finetune-{point}.csv"] = curves(hist, {"val_top1": ""})
+        for r in g[g["method"] == "chipnet"].itertuples(index=False):
+            run = Path(r.source).parent
+            h = _history(run.parent.parent / "chipnet" / run.name.removeprefix("chipnet-"))
+            if h is not None:
+                tables[f"chipnet-{point}.csv"] = curves(
+                    {"": h}, {"val_top1": "soft val top-1", "val_hard_top1": "hard val top-1",
+                              "hard_budget": "achieved budget (hard)"})
+    return tables
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="stages.report", description=__doc__)
+    ap = argparse.ArgumentParser(prog="stages.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
-    ap.add_argument("runs_dirs", nargs="+", help="folders searched for */eval/metrics.json")
+    ap.add_argument("eval_dir", help="the evaluate stage's folder: <name>/metrics.json per run")
+    ap.add_argument("--figure", help="also copy pareto.png here (the README's picture)")
     args = ap.parse_args(argv)
 
-    files = sorted(f for d in args.runs_dirs for f in Path(d).glob("*/eval/metrics.json"))
+    files = sorted(Path(args.eval_dir).glob("*/metrics.json"))
     if not files:
-        raise FileNotFoundError(f"no */eval/metrics.json under {args.runs_dirs}")
-    records = [{**json.loads(f.read_text()), "source": str(f)} for f in files]
+        raise FileNotFoundError(f"no */metrics.json under {args.eval_dir}")
+    # source: the evaluated checkpoint (its widths, and its history beside it)
+    records = [{**(doc := json.loads(f.read_text())), "source": doc["checkpoint"]} for f in files]
     df = build_table(records)
     out = Path(args.out_dir)
     with tracking.stage_run("report", {"runs": [str(f) for f in files]}, out / "mlflow_run.json"):
@@ -78,17 +118,20 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_path(out / "report.csv") as tmp:
             df.drop(columns="source").to_csv(tmp, index=False)
         write_text(out / "report.md", to_markdown(df))
-        numbers = ("top1", "delta_top1", "macs_fraction", "params_fraction", "speedup")
-        write_json(out / "report.json", {
-            run_label(r): {k: (None if v != v else v) for k, v in r._asdict().items() if k in numbers}
-            for r in df.itertuples(index=False)
-        })
+        write_text(out / "report.txt", terminal_table(df))
+        write_json(out / "metrics.json", summary_metrics(df))
+        with atomic_dir(out / "curves") as tmp:
+            for name, table in curve_tables(df).items():
+                table.to_csv(tmp / name, index=False)
         save_png(pareto_figure(df, "top-1 against MACs"), out / "pareto.png")
+        if args.figure:
+            with atomic_path(args.figure) as tmp:
+                shutil.copyfile(out / "pareto.png", tmp)
         kept_channels_png(df, out / "kept_channels.png")
-        for f in ("report.csv", "report.md", "pareto.png", "kept_channels.png"):
+        for f in ("report.csv", "report.md", "metrics.json", "pareto.png", "kept_channels.png"):
             if (out / f).exists():
                 mlflow.log_artifact(str(out / f))
-    print(to_markdown(df), flush=True)
+    print(terminal_table(df), end="", flush=True)
 
 
 if __name__ == "__main__":

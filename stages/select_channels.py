@@ -1,20 +1,21 @@
 """DVC stage `select_channels`: CHIP masks from channel-independence scores at every budget
-of the pruning grid (prune.budgets x prune.datasets x prune.models), in one process: a
+of the pruning grid (prune.budgets x prune.datasets x prune.models) and at every per-layer
+rate configuration of `chip_rates` (the authors' published ones), in one process: a
 selection costs milliseconds, a stage process seconds.
 
     python -m stages.select_channels <scores_root> <dense_root> <data_root> <out_dir>
 
 Reads <scores_root>/<dataset>-<model>/scores.json (stage score_channels),
 <dense_root>/<dataset>-<model>/checkpoint.pt and <data_root>/<dataset>; writes
-<out_dir>/<budget>-<dataset>-<model>/masks.json and one MLflow run (<out_dir>/mlflow_run.json);
+<out_dir>/<budget>-<dataset>-<model>/masks.json, <out_dir>/rates-<name>/masks.json and one MLflow run (<out_dir>/mlflow_run.json);
 a latency budget reads the profile_latency table of its dataset and model under
 --latency-root. The folder is built aside and replaces <out_dir> when complete.
 
 At a budget, CHIP keeps the same rate in every layer (the authors' configurations are near
 uniform), met exactly from above by the shared thresholding; within a layer, the channels
 of largest CI are kept. Channels coupled by residual adds share one selection: the sum of
-their maps' CI (the authors' code selects each block output on its own). The authors'
-per-layer rates are stage `select_rates`.
+their maps' CI (the authors' code selects each block output on its own). At a rate
+configuration, layer i keeps int(width * (1 - rate_i)) channels, the largest-CI ones.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from chipprune.budgets.latency_table import TABLE_ROOT, latency_budget_doc
 from chipprune.budgets.thresholding import keep_at_budget
 from chipprune.config import ConfigError, load_params
 from chipprune.methods.baselines import uniform_scores
+from chipprune.methods.chip import rates_to_widths, select_top
 from chipprune.reporting import tracking
 from chipprune.surgery.masks import masks_from_keep, save_masks
 from stages._common import atomic_dir, grid_points, run_main
@@ -43,6 +45,25 @@ def load_scores(scores_dir: str | Path) -> dict[str, torch.Tensor]:
         return {g: torch.tensor(v, dtype=torch.float64) for g, v in doc["groups"].items()}
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{path}: not a scores file ({e})") from None
+
+
+def rate_masks(name: str, rc, scores: dict[str, dict], dense_root: str | Path):
+    """CHIP's masks at the per-layer rates of chip_rates.<name>."""
+    from chipprune.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ckpt_path = Path(dense_root) / f"{rc.dataset}-{rc.model}" / "checkpoint.pt"
+    dense = load_checkpoint(ckpt_path)
+    spec = model_from_checkpoint(dense, ckpt_path).describe()
+    try:
+        widths = rates_to_widths(spec, rc.rates, dense["model_name"])
+    except ValueError as e:
+        raise ConfigError(f"chip_rates.{name}: {e}") from None
+    keep = select_top(scores[f"{rc.dataset}-{rc.model}"], widths)
+    return masks_from_keep(
+        dense["model_name"], dense["model_kwargs"], spec, keep, dataset=rc.dataset, method="chip",
+        budget={"type": "rates", "target": None, "achieved": None, "config": name},
+        extra={"rates": rc.rates},
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,11 +81,15 @@ def main(argv: list[str] | None = None) -> None:
     if grid is None:
         raise ConfigError(f"{args.params}: no `prune` section, so no grid to select for")
     points = grid_points(params, args.dense_root, args.data_root, args.latency_root)
-    scores = {pair: load_scores(Path(args.scores_root) / pair)  # read before any work too
-              for pair in {f"{p.dataset}-{p.model_name}" for p in points}}
+    pairs = {f"{p.dataset}-{p.model_name}" for p in points}
+    pairs |= {f"{rc.dataset}-{rc.model}" for rc in params.chip_rates.values()}
+    scores = {pair: load_scores(Path(args.scores_root) / pair) for pair in pairs}  # before any work
+    rate_keeps = {name: rate_masks(name, rc, scores, args.dense_root)
+                  for name, rc in params.chip_rates.items()}
 
     config = {"budgets": grid.budgets, "datasets": grid.datasets, "models": grid.models,
-              "round_to": grid.round_to}
+              "round_to": grid.round_to,
+              "chip_rates": {n: rc.model_dump() for n, rc in params.chip_rates.items()}}
     with atomic_dir(args.out_dir) as tmp, \
             tracking.stage_run("select_channels", config, tmp / "mlflow_run.json"):
         import mlflow
@@ -83,6 +108,12 @@ def main(argv: list[str] | None = None) -> None:
             mlflow.log_metric(f"achieved_budget/{p.name}", result.achieved)
             print(f"select_channels: chip {p.name}: {sum(len(v) for v in masks.kept.values())} "
                   f"channels kept, budget {result.achieved:.4f} (target {p.target})", flush=True)
+        for name, masks in rate_keeps.items():
+            save_masks(masks, tmp / f"rates-{name}" / "masks.json")
+            mlflow.log_artifact(str(tmp / f"rates-{name}" / "masks.json"),
+                                artifact_path=f"rates-{name}")
+            print(f"select_channels: chip rates-{name}: "
+                  f"{sum(len(v) for v in masks.kept.values())} channels kept", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ MORE = [
     ("prune.budgets", ["flops"], "prune.budgets", "expected TYPE-TARGET"),
     ("prune.budgets", ["flops-half"], "prune.budgets", "is not a number"),
     ("prune.budgets", ["flops-0.5", "flops-0.5"], "prune.budgets", "listed twice"),
-    ("transfer.pairs.digits-to-even-scratch.budget", "flops-0.25", "transfer.pairs",
+    ("transfer.pairs.digits-to-even.budget", "flops-0.125", "transfer.pairs",
      "come from the pruning grid"),
     ("prune.methods", ["chipnet", "magic"], "prune.methods", "'chipnet'"),
     ("prune.models", ["resnet9000"], "prune", "'resnet9000' is not defined"),
@@ -33,12 +33,12 @@ MORE = [
     ("chip_rates.r20-light.rates", "[0.]+[0.15]*2+[0.4]*27", "chip_rates.r20-light.rates",
      "resnet20 takes 12 rates"),
     ("chip_rates.r20-light.rates", "[0.1]+oops", "chip_rates.r20-light.rates", "bad rates term"),
-    ("transfer.pairs.digits-to-even-scratch.model", "vgg", "transfer",
+    ("transfer.pairs.digits-to-even.model", "vgg", "transfer",
      "'vgg' is not defined"),
-    ("transfer.pairs.digits-to-even-scratch.student", "digits", "transfer",
+    ("transfer.pairs.digits-to-even.student", "digits", "transfer",
      "teacher and student are the same"),
-    ("transfer.pairs.digits-to-even-scratch.protocol", "finetune",
-     "transfer.pairs.digits-to-even-scratch.protocol", "'scratch'"),
+    ("transfer.pairs.digits-to-even.protocol", "finetune",
+     "transfer.pairs.digits-to-even.protocol", "'scratch'"),
 ]
 CASES = BAD + MORE
 

@@ -306,8 +306,8 @@ def test_json_round_trip_and_malformed_files(resnet20, tmp_path):
 
 def test_params_accept_latency_as_a_budget_type():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["prune"]["budgets"] = ["flops-0.125", "latency-0.25"]
-    assert parse_params(raw).prune.budgets == ["flops-0.125", "latency-0.25"]
+    raw["prune"]["budgets"] = ["flops-0.25", "latency-0.25"]
+    assert parse_params(raw).prune.budgets == ["flops-0.25", "latency-0.25"]
     assert parse_budget("latency-0.5") == ("latency", 0.5)
     raw["latency_budget"]["device"] = "tpu"
     with pytest.raises(ConfigError, match="latency_budget.device"):
@@ -398,7 +398,7 @@ def test_without_a_latency_budget_the_table_says_it_was_not_profiled(
     stage_env, mlflow_store, tmp_path
 ):
     params = yaml.safe_load((stage_env / "params.yaml").read_text())
-    params["prune"]["budgets"] = ["flops-0.125"]
+    params["prune"]["budgets"] = ["flops-0.25"]
     params["latency_budget"]["device"] = "cuda"  # not even checked: nothing is measured
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "runs/latency/cuda-bs2-digits-resnet20"
@@ -520,10 +520,12 @@ def test_evaluate_stage_reports_both_formats_and_the_in_process_speedup(
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for name, model, kw in (("dense", dense, kwargs), ("small", small, small_kwargs)):
         save_checkpoint(make_checkpoint(model, "resnet20", kw), tmp_path / name / "ckpt.pt")
-        args = [str(tmp_path / name / "ckpt.pt"), str(stage_env / "data"), str(tmp_path / name),
-                "--params", str(tmp_path / "params.yaml")]  # fmt: skip
-        assert run_main(evaluate.main, args) == 0
-    got = {n: json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("dense", "small")}
+    args = [str(tmp_path / "eval"), "--params", str(tmp_path / "params.yaml")]
+    for name in ("dense", "small"):
+        args += ["--run", name, str(tmp_path / name / "ckpt.pt"), str(stage_env / "data")]
+    assert run_main(evaluate.main, args) == 0
+    got = {n: json.loads((tmp_path / "eval" / n / "metrics.json").read_text())
+           for n in ("dense", "small")}
     for bs in (1, 4):
         for m in got.values():
             best = min(m[f"latency_ms_bs{bs}_nchw"], m[f"latency_ms_bs{bs}_cl"])
@@ -538,6 +540,7 @@ def test_evaluate_stage_reports_both_formats_and_the_in_process_speedup(
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_measured_table_predicts_a_pruned_model_within_a_generous_tolerance():
     """Real timings (CPU, batch 32, 16x16): the table's predicted fraction of a pruned model
     against the measured ratio pruned / dense, both fastest-of-rounds, interleaved. The

@@ -71,7 +71,7 @@ def test_repro_builds_every_output(repo):
     assert {p.name for p in prepared.iterdir()} == {"train.pt", "val.pt", "test.pt", "meta.json"}
     run = root / "runs/dense/digits-resnet20"
     assert (run / "checkpoint.pt").is_file() and (run / "history.csv").is_file()
-    metrics = json.loads((run / "eval/metrics.json").read_text())
+    metrics = json.loads((root / "runs/evaluate/dense-digits-resnet20/metrics.json").read_text())
     assert metrics["test_size"] == 359  # 20% of each class, rounded per class
     # resnet20 option A, 1 input channel, 10 classes: 269,722 - 2*16*9 stem weights
     assert metrics["params"] == 269_434
@@ -86,6 +86,7 @@ def test_every_executed_stage_has_an_mlflow_run(repo):
     runs = mlflow.search_runs(experiment_names=["chipprune"])
     assert sorted(runs["tags.mlflow.runName"]) == [
         "baseline_masks@random",
+        "evaluate",
         "evaluate@chip-flops-0.5-digits-resnet20",
         "evaluate@chip-rates-r20-light",
         "evaluate@chipnet-flops-0.5-digits-resnet20",
@@ -94,7 +95,7 @@ def test_every_executed_stage_has_an_mlflow_run(repo):
         "evaluate@random-flops-0.5-digits-resnet20",
         "evaluate@transfer-to-even",
         "finetune@chip-flops-0.5-digits-resnet20",
-        "finetune@chip-r20-light",
+        "finetune@chip-rates-r20-light",
         "finetune@chipnet-flops-0.5-digits-resnet20",
         "finetune@random-flops-0.5-digits-resnet20",
         "learn_masks@flops-0.5-digits-resnet20",
@@ -104,15 +105,18 @@ def test_every_executed_stage_has_an_mlflow_run(repo):
         "report",
         "score_channels@digits-resnet20",
         "select_channels",
-        "select_rates@chip-rates-r20-light-digits-resnet20",
         "train_dense@digits-resnet20",
         "train_dense@digits_even-resnet20",
         "transfer_masks@to-even",
     ]
     assert set(runs["status"]) == {"FINISHED"}
-    for stage_file in ("runs/prepare/digits", "runs/dense/digits-resnet20", "runs/dense/digits-resnet20/eval"):
+    for stage_file in ("runs/prepare/digits", "runs/dense/digits-resnet20", "runs/evaluate"):
         info = json.loads((root / stage_file / "mlflow_run.json").read_text())
         assert info["run_id"] in set(runs["run_id"])
+    # one run per evaluated model, nested under the evaluate stage's run
+    evaluate_id = json.loads((root / "runs/evaluate/mlflow_run.json").read_text())["run_id"]
+    per_model = runs[runs["tags.mlflow.runName"].str.startswith("evaluate@")]
+    assert len(per_model) == 7 and set(per_model["tags.mlflow.parentRunId"]) == {evaluate_id}
 
 
 def test_chipnet_masks_meet_the_budget_and_counting_agrees(repo):
@@ -122,7 +126,7 @@ def test_chipnet_masks_meet_the_budget_and_counting_agrees(repo):
     achieved = masks["budget"]["achieved"]
     assert 0.5 <= achieved <= 0.51
     metrics = json.loads(
-        (root / "runs/finetune/chipnet-flops-0.5-digits-resnet20/eval/metrics.json").read_text()
+        (root / "runs/evaluate/chipnet-flops-0.5-digits-resnet20/metrics.json").read_text()
     )
     # the hard budget is the exact MACs fraction of the physically pruned model
     assert metrics["macs_fraction"] == pytest.approx(achieved, rel=1e-12)
@@ -132,7 +136,7 @@ def test_chipnet_masks_meet_the_budget_and_counting_agrees(repo):
         other = json.loads((root / f"runs/{method}/flops-0.5-digits-resnet20/masks.json").read_text())
         assert other["method"] == method and 0.5 <= other["budget"]["achieved"] <= 0.51
         m = json.loads(
-            (root / f"runs/finetune/{method}-flops-0.5-digits-resnet20/eval/metrics.json").read_text()
+            (root / f"runs/evaluate/{method}-flops-0.5-digits-resnet20/metrics.json").read_text()
         )
         assert m["macs_fraction"] == pytest.approx(other["budget"]["achieved"], rel=1e-12)
 
@@ -154,6 +158,25 @@ def test_report_lists_every_evaluated_run(repo):
     assert "| chipnet | digits_even | digits | dense |" in (root / "results/report.md").read_text()
     for png in ("pareto.png", "kept_channels.png"):
         assert (root / "results" / png).stat().st_size > 10_000
+    # the README's picture is the report's own Pareto PNG
+    assert (root / "docs/img/pareto.png").read_bytes() == (root / "results/pareto.png").read_bytes()
+    # what make run prints fits a 100-column terminal, one line a run
+    text = (root / "results/report.txt").read_text().splitlines()
+    assert max(len(line) for line in text) <= 100 and len(text) == 2 + len(df)
+    # DVC's one metrics file: top-1 per run, flat
+    summary = json.loads((root / "results/metrics.json").read_text())
+    assert summary == {label: pytest.approx(top1, abs=1e-6) for label, top1 in zip(
+        ["dense-digits-resnet20", "chip-flops-0.5-digits-resnet20"], [dense["top1"], chip["top1"]],
+        strict=True)} | {k: v for k, v in summary.items() if k not in (
+        "dense-digits-resnet20", "chip-flops-0.5-digits-resnet20")}
+    assert len(summary) == len(df)
+    # the top-level plots' data: every method's fine-tune curve at the budget, ChipNet's curves
+    curves = pd.read_csv(root / "results/curves/finetune-flops-0.5-digits-resnet20.csv")
+    assert set(curves["series"]) == {"chipnet", "chip", "random"}
+    assert list(curves.columns) == ["series", "epoch", "value"]
+    chipnet = pd.read_csv(root / "results/curves/chipnet-flops-0.5-digits-resnet20.csv")
+    assert set(chipnet["series"]) == {"soft val top-1", "hard val top-1", "achieved budget (hard)"}
+    assert len(chipnet) == 3 * 2  # learn_masks runs 2 epochs here
 
 
 def test_compare_rebuilds_the_report_from_mlflow_alone(repo):

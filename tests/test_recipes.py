@@ -30,7 +30,7 @@ def _local(recipe, root):
 def test_there_is_a_recipe_per_published_grid():
     assert {r.stem for r in RECIPES} == {
         "chipnet-cifar", "chipnet-cifar-preresnet", "chip-cifar10", "chip-imagenet",
-        "transfer-cifar100-to-cifar10",
+        "transfer-cifar100-to-cifar10", "digits-full",
     }
 
 
@@ -161,6 +161,7 @@ def test_every_recipe_passes_its_smoke_run(recipe, tmp_path):
         ds = raw["datasets"][name]
         meta = json.loads((work / "data/prepared" / name / "meta.json").read_text())
         channels, classes, side = REAL_SHAPES[ds["source"]]
+        classes = len(ds["classes"]) if ds.get("classes") else classes
         side = ds.get("image_size") or side
         assert meta["image_shape"] == [channels, side, side] and meta["num_classes"] == classes
     report = pd.read_csv(work / "results/report.csv", keep_default_na=False)

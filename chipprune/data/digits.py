@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .dataset import RawData, Split, resized_uint8
+from .dataset import DataFileError, RawData, Split, resized_uint8
 
 DIGITS_SIZE = 16  # a CIFAR ResNet's last stage (x4 down) still sees 4x4 maps
 DIGITS_TEST_FRACTION = 0.2
@@ -29,12 +31,23 @@ def stratified_test_mask(labels: torch.Tensor, fraction: float, seed: int) -> to
     return mask
 
 
-def read_digits(image_size: int | None = None) -> RawData:
-    from sklearn.datasets import load_digits  # scikit-learn only when digits are prepared
+def digits_file() -> Path:
+    """scikit-learn's bundled digits.csv.gz, found without importing scikit-learn (its
+    import costs seconds; `load_digits` reads just this file)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataFileError("the digits dataset ships with scikit-learn, which is not installed")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise DataFileError(f"{path}: scikit-learn's digits file is missing")
+    return path
 
-    bunch = load_digits()
-    pixels = np.ascontiguousarray(bunch.images, dtype=np.uint8)  # (1797, 8, 8), values 0..16
-    target = np.ascontiguousarray(bunch.target, dtype=np.int64)  # (1797,)
+
+def read_digits(image_size: int | None = None) -> RawData:
+    # 1797 rows of 64 pixels (0..16) and the label, as load_digits parses them
+    table = np.loadtxt(digits_file(), delimiter=",")
+    pixels = np.ascontiguousarray(table[:, :-1].reshape(-1, 8, 8), dtype=np.uint8)  # (1797, 8, 8)
+    target = np.ascontiguousarray(table[:, -1], dtype=np.int64)  # (1797,)
     sha = hashlib.sha256(pixels.tobytes() + target.tobytes()).hexdigest()
 
     # 0..16 -> 0..255 in float, resized, then rounded once: (N, 1, S, S) uint8
@@ -45,6 +58,6 @@ def read_digits(image_size: int | None = None) -> RawData:
     return RawData(
         train=Split(images[~test], labels[~test]),
         test=Split(images[test], labels[test]),
-        classes=[str(int(n)) for n in bunch.target_names],
+        classes=[str(int(n)) for n in np.unique(target)],  # load_digits: target_names 0..9
         source_sha256=sha,
     )

@@ -113,3 +113,60 @@ def pareto_figure(df: pd.DataFrame, title: str):
     ax.legend()
     ax.grid(alpha=0.3)
     return fig
+
+
+def run_label(row) -> str:
+    """A row's short name: dense-<dataset>-<model>, <method>-<budget>[-<teacher>-to]-<dataset>-<model>."""
+    if row.method == "dense":
+        return f"dense-{row.dataset}-{row.model}"
+    teacher = f"{row.teacher}-to-" if row.teacher else ""
+    target = "" if row.target is None or row.target != row.target else f"-{row.target:g}"
+    kind = row.budget_type.replace(":", "-")  # rates:<name>
+    return f"{row.method}-{kind}{target}-{teacher}{row.dataset}-{row.model}"
+
+
+def summary_metrics(df: pd.DataFrame) -> dict[str, float]:
+    """The one DVC metrics file: test top-1 per run, flat (one `dvc exp show` column a run)."""
+    return {run_label(r): round(float(r.top1), 6) for r in df.itertuples(index=False)}
+
+
+def terminal_table(df: pd.DataFrame, width: int = 100) -> str:
+    """The table as it fits a `width`-column terminal: the run, its fractions of the dense
+    model, top-1, its change and the measured speedup (the rest is in report.csv / .md)."""
+    def num(v, fmt):
+        return "" if v is None or v != v else format(v, fmt)
+
+    rows = []
+    for r in df.itertuples(index=False):
+        if r.method == "dense":
+            run = "dense"
+        else:
+            target = "" if r.target is None or r.target != r.target else f"-{r.target:g}"
+            run = f"{r.method} {r.budget_type}{target}"
+        data = f"{r.teacher}>{r.dataset} {r.protocol}" if r.teacher else r.dataset
+        rows.append((run, data, r.model, num(r.params_fraction, ".3f"), num(r.macs_fraction, ".3f"),
+                     num(r.top1, ".4f"), num(r.delta_top1, "+.4f"), num(r.speedup, ".2f")))
+    head = ("run", "data", "model", "params", "MACs", "top-1", "Δ top-1", "speedup")
+    w = [max(len(head[i]), *(len(x[i]) for x in rows)) for i in range(len(head))]
+    w[0] = min(w[0], 30)
+
+    def line(cells):
+        left = [f"{c[:w[i]]:<{w[i]}}" for i, c in enumerate(cells[:3])]
+        right = [f"{c:>{w[i + 3]}}" for i, c in enumerate(cells[3:])]
+        return "  ".join(left + right).rstrip()[:width]
+
+    return "\n".join([line(head), "-" * min(width, len(line(head)))]
+                     + [line(x) for x in rows]) + "\n"
+
+
+def curves(histories: dict[str, pd.DataFrame], columns: dict[str, str]) -> pd.DataFrame:
+    """Per-epoch histories in long form for one chart, rows (series, epoch, value): one
+    series per history (keyed by its prefix, e.g. the method) and per column of `columns`
+    (history column -> the suffix it gets in the series name; "" for none)."""
+    parts = [
+        pd.DataFrame({"series": f"{prefix} {suffix}".strip(), "epoch": h["epoch"], "value": h[col]})
+        for prefix, h in histories.items() for col, suffix in columns.items() if col in h.columns
+    ]
+    if not parts:
+        return pd.DataFrame(columns=["series", "epoch", "value"])
+    return pd.concat(parts, ignore_index=True)

@@ -58,8 +58,15 @@ def resolve_device(name: str) -> torch.device:
 def seed_everything(seed: int, device: torch.device) -> None:
     torch.manual_seed(seed)
     if device.type == "cpu":
-        # Bitwise-repeatable on CPU; CUDA keeps its fast non-deterministic kernels.
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Bitwise-repeatable on CPU; CUDA keeps its fast non-deterministic kernels. This is
+        # torch.use_deterministic_algorithms(True, warn_only=True) without its other half, a
+        # torch.compile setting whose import (torch._inductor, torch._dynamo) costs a second
+        # or more per stage process; nothing here compiles.
+        set_flag = getattr(torch._C, "_set_deterministic_algorithms", None)
+        if set_flag is None:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        else:
+            set_flag(True, warn_only=True)
 
 
 def random_crop_flip(
