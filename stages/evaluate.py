@@ -34,15 +34,15 @@ from chipprune.training.loop import DeviceData, evaluate, resolve_device
 from stages._common import EvaluatedRun, atomic_dir, evaluated_runs, run_main
 
 
-def evaluate_checkpoint(run: EvaluatedRun, cfg: EvaluateConfig, device: Any) -> dict[str, Any]:
-    """The metrics record of one checkpoint (what metrics.json holds)."""
+def evaluate_checkpoint(run: EvaluatedRun, test: DeviceData, meta: dict[str, Any],
+                        cfg: EvaluateConfig, device: Any) -> dict[str, Any]:
+    """The metrics record of one checkpoint (what metrics.json holds), on `test` (the test
+    split of run.data_dir, on `device`) whose prepared meta.json is `meta`."""
     ckpt = load_checkpoint(run.checkpoint)
-    data = load_prepared(run.data_dir, splits=("test",))
     model = model_from_checkpoint(ckpt, run.checkpoint)
     model.to(device).eval()
-    shape = tuple(data.meta["image_shape"])
+    shape = tuple(meta["image_shape"])
 
-    test = DeviceData.from_split(data.splits["test"], data.meta, device)
     acc = evaluate(model, test, cfg.batch_size)
     cost = measure_cost(model, shape)
     dense_kwargs = {k: v for k, v in ckpt["model_kwargs"].items() if k not in ("widths", "kept")}
@@ -74,7 +74,7 @@ def evaluate_checkpoint(run: EvaluatedRun, cfg: EvaluateConfig, device: Any) -> 
         "budget": masks.get("budget"),
         "teacher": masks.get("teacher"),
         "protocol": masks.get("protocol"),
-        "dataset": data.meta.get("name"),
+        "dataset": meta.get("name"),
         "device": str(device),
         **formats,  # latency_format_bs<N>: the faster memory format
         "test_size": len(test),
@@ -127,12 +127,17 @@ def main(argv: list[str] | None = None) -> None:
             tracking.stage_run("evaluate", config, tmp / "mlflow_run.json") as stage:
         import mlflow
 
+        tests: dict[Path, tuple[DeviceData, dict[str, Any]]] = {}  # one load per dataset
         for r in runs:
+            if r.data_dir not in tests:
+                data = load_prepared(r.data_dir, splits=("test",))
+                tests[r.data_dir] = (DeviceData.from_split(data.splits["test"], data.meta, device),
+                                     data.meta)
             tags = {"chipprune.evaluated": r.name,  # a model, not a stage: no chipprune.stage
                     "input.checkpoint.sha256": tracking.file_sha256(r.checkpoint)}
             with mlflow.start_run(run_name=f"evaluate@{r.name}", nested=True, tags=tags,
                                   experiment_id=stage.info.experiment_id):
-                report = evaluate_checkpoint(r, cfg, device)
+                report = evaluate_checkpoint(r, *tests[r.data_dir], cfg, device)
                 mlflow.log_params({"checkpoint": str(r.checkpoint), "data": str(r.data_dir)})
                 mlflow.log_metrics({k: float(v) for k, v in report.items()
                                     if isinstance(v, int | float) and not isinstance(v, bool)})

@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     # source: the evaluated checkpoint (its widths, and its history beside it)
     records = [{**(doc := json.loads(f.read_text())), "source": doc["checkpoint"]} for f in files]
     df = build_table(records)
+    table = terminal_table(df)
     out = Path(args.out_dir)
     with tracking.stage_run("report", {"runs": [str(f) for f in files]}, out / "mlflow_run.json"):
         import mlflow
@@ -118,11 +119,11 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_path(out / "report.csv") as tmp:
             df.drop(columns="source").to_csv(tmp, index=False)
         write_text(out / "report.md", to_markdown(df))
-        write_text(out / "report.txt", terminal_table(df))
+        write_text(out / "report.txt", table)
         write_json(out / "metrics.json", summary_metrics(df))
         with atomic_dir(out / "curves") as tmp:
-            for name, table in curve_tables(df).items():
-                table.to_csv(tmp / name, index=False)
+            for name, chart in curve_tables(df).items():
+                chart.to_csv(tmp / name, index=False)
         save_png(pareto_figure(df, "top-1 against MACs"), out / "pareto.png")
         if args.figure:
             with atomic_path(args.figure) as tmp:
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         for f in ("report.csv", "report.md", "metrics.json", "pareto.png", "kept_channels.png"):
             if (out / f).exists():
                 mlflow.log_artifact(str(out / f))
-    print(terminal_table(df), end="", flush=True)
+    print(table, end="", flush=True)
 
 
 if __name__ == "__main__":

@@ -47,18 +47,15 @@ def load_scores(scores_dir: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{path}: not a scores file ({e})") from None
 
 
-def rate_masks(name: str, rc, scores: dict[str, dict], dense_root: str | Path):
-    """CHIP's masks at the per-layer rates of chip_rates.<name>."""
-    from chipprune.training.checkpoint import load_checkpoint, model_from_checkpoint
-
-    ckpt_path = Path(dense_root) / f"{rc.dataset}-{rc.model}" / "checkpoint.pt"
-    dense = load_checkpoint(ckpt_path)
-    spec = model_from_checkpoint(dense, ckpt_path).describe()
+def rate_masks(name: str, rc, scores: dict[str, torch.Tensor], dense: dict, model):
+    """CHIP's masks at the per-layer rates of chip_rates.<name>, from the dense checkpoint
+    and model of its dataset and architecture (a grid point's: params require them there)."""
+    spec = model.describe()
     try:
         widths = rates_to_widths(spec, rc.rates, dense["model_name"])
     except ValueError as e:
         raise ConfigError(f"chip_rates.{name}: {e}") from None
-    keep = select_top(scores[f"{rc.dataset}-{rc.model}"], widths)
+    keep = select_top(scores, widths)
     return masks_from_keep(
         dense["model_name"], dense["model_kwargs"], spec, keep, dataset=rc.dataset, method="chip",
         budget={"type": "rates", "target": None, "achieved": None, "config": name},
@@ -81,11 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     if grid is None:
         raise ConfigError(f"{args.params}: no `prune` section, so no grid to select for")
     points = grid_points(params, args.dense_root, args.data_root, args.latency_root)
-    pairs = {f"{p.dataset}-{p.model_name}" for p in points}
-    pairs |= {f"{rc.dataset}-{rc.model}" for rc in params.chip_rates.values()}
-    scores = {pair: load_scores(Path(args.scores_root) / pair) for pair in pairs}  # before any work
-    rate_keeps = {name: rate_masks(name, rc, scores, args.dense_root)
-                  for name, rc in params.chip_rates.items()}
+    dense = {f"{p.dataset}-{p.model_name}": (p.dense, p.model) for p in points}
+    scores = {pair: load_scores(Path(args.scores_root) / pair) for pair in dense}  # before any work
+    rated = {name: rate_masks(name, rc, scores[pair := f"{rc.dataset}-{rc.model}"], *dense[pair])
+             for name, rc in params.chip_rates.items()}
 
     config = {"budgets": grid.budgets, "datasets": grid.datasets, "models": grid.models,
               "round_to": grid.round_to,
@@ -108,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             mlflow.log_metric(f"achieved_budget/{p.name}", result.achieved)
             print(f"select_channels: chip {p.name}: {sum(len(v) for v in masks.kept.values())} "
                   f"channels kept, budget {result.achieved:.4f} (target {p.target})", flush=True)
-        for name, masks in rate_keeps.items():
+        for name, masks in rated.items():
             save_masks(masks, tmp / f"rates-{name}" / "masks.json")
             mlflow.log_artifact(str(tmp / f"rates-{name}" / "masks.json"),
                                 artifact_path=f"rates-{name}")

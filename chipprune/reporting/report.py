@@ -115,14 +115,19 @@ def pareto_figure(df: pd.DataFrame, title: str):
     return fig
 
 
+def _budget(row) -> str:
+    """A row's budget as written: TYPE-TARGET, or rates:<name> (no target)."""
+    target = "" if row.target is None or row.target != row.target else f"-{row.target:g}"
+    return f"{row.budget_type}{target}"
+
+
 def run_label(row) -> str:
     """A row's short name: dense-<dataset>-<model>, <method>-<budget>[-<teacher>-to]-<dataset>-<model>."""
     if row.method == "dense":
         return f"dense-{row.dataset}-{row.model}"
     teacher = f"{row.teacher}-to-" if row.teacher else ""
-    target = "" if row.target is None or row.target != row.target else f"-{row.target:g}"
-    kind = row.budget_type.replace(":", "-")  # rates:<name>
-    return f"{row.method}-{kind}{target}-{teacher}{row.dataset}-{row.model}"
+    budget = _budget(row).replace(":", "-")  # rates:<name>
+    return f"{row.method}-{budget}-{teacher}{row.dataset}-{row.model}"
 
 
 def summary_metrics(df: pd.DataFrame) -> dict[str, float]:
@@ -138,11 +143,7 @@ def terminal_table(df: pd.DataFrame, width: int = 100) -> str:
 
     rows = []
     for r in df.itertuples(index=False):
-        if r.method == "dense":
-            run = "dense"
-        else:
-            target = "" if r.target is None or r.target != r.target else f"-{r.target:g}"
-            run = f"{r.method} {r.budget_type}{target}"
+        run = "dense" if r.method == "dense" else f"{r.method} {_budget(r)}"
         data = f"{r.teacher}>{r.dataset} {r.protocol}" if r.teacher else r.dataset
         rows.append((run, data, r.model, num(r.params_fraction, ".3f"), num(r.macs_fraction, ".3f"),
                      num(r.top1, ".4f"), num(r.delta_top1, "+.4f"), num(r.speedup, ".2f")))
