@@ -31,7 +31,7 @@ run: setup
 test: setup
 	ruff check .
 	mkdocs build --strict --quiet
-	pytest -q -n 2 --dist loadfile -m "not timing"   # a test module's tests share one worker (its fixtures)
+	pytest -q -n 2 --dist loadgroup --no-loadscope-reorder -m "not timing"   # groups: tests/conftest.py
 	pytest -q -m timing                             # wall-clock assertions, on an otherwise idle machine
 
 lint: setup

@@ -12,7 +12,38 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+# Under pytest-xdist each worker gets its share of the cores: two workers each running torch
+# on every core oversubscribe them (a recipe smoke run took 3.7x its time alone). The stage
+# subprocesses a test starts inherit the setting.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """For `--dist loadgroup`: a module's tests form one group (one worker, so its module
+    fixtures are built once) unless a test names a group of its own (each recipe's smoke
+    run); groups holding a slow test are queued first, heaviest first (a group weighs its
+    heaviest test's `slow(cost=seconds)`, module fixture included), so the workers finish
+    together: the scheduler hands out groups in this order."""
+    def group(item):
+        mark = item.get_closest_marker("xdist_group")
+        return mark.args[0] if mark and mark.args else item.module.__name__
+
+    cost: dict[str, float] = {}
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group(item)))
+        slow = item.get_closest_marker("slow")
+        weight = float(slow.kwargs.get("cost", 30)) if slow else 0.0
+        cost[group(item)] = max(cost.get(group(item), 0.0), weight)
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(group(item), i)
+    items.sort(key=lambda it: (-cost[group(it)], first[group(it)]))
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from chipprune.training import distributed
 from tests._ddp_worker import run
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(cost=45)  # seconds alone, for test ordering
 
 TOL = 1e-6
 

@@ -24,7 +24,7 @@ import yaml
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(cost=90)  # seconds alone, for test ordering
 
 # The ChipNet chain for one grid point: `targets` keep the run small whatever else dvc.yaml
 # holds (baselines, CHIP, transfer, report); their upstream stages come along.

@@ -456,7 +456,7 @@ def test_a_latency_budget_without_its_table_exits_2_naming_it(
     assert not out.exists()  # not even the flops-0.5 masks it could have made
 
 
-@pytest.mark.slow
+@pytest.mark.slow(cost=40)
 def test_learn_masks_trains_chipnet_on_a_latency_budget(stage_env, mlflow_store, tmp_path):
     """ChipNet through the real stage on a synthetic (exact) table: the soft budget is the
     interpolated table, the mask file's achieved budget is the table's hard value."""

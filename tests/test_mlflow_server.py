@@ -14,7 +14,7 @@ import pytest
 from pipelines.mlflow_server import _healthy, local_server, main
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(cost=20)  # seconds alone, for test ordering
 
 LOG_ONE_RUN = (
     "from chipprune.reporting import tracking\n"

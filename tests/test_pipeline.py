@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(cost=180)  # seconds alone, for test ordering
 
 
 def _run(cmd, cwd, env, timeout=600):

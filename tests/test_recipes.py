@@ -138,8 +138,15 @@ def test_smoke_params_keep_the_recipe_but_shrink_data_and_schedule():
     parse_params(chipnet)  # a valid params file
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.stem)
+# seconds alone here, for the order pytest-xdist hands the runs out in (heaviest first)
+SMOKE_COST = {"chipnet-cifar": 125, "chipnet-cifar-preresnet": 55, "digits-full": 50,
+              "chip-cifar10": 45, "chip-imagenet": 40, "transfer-cifar100-to-cifar10": 40}
+
+
+@pytest.mark.parametrize("recipe", [
+    pytest.param(r, id=r.stem, marks=[pytest.mark.slow(cost=SMOKE_COST.get(r.stem, 60)),
+                                      pytest.mark.xdist_group(f"smoke-{r.stem}")])
+    for r in RECIPES])
 def test_every_recipe_passes_its_smoke_run(recipe, tmp_path):
     """Every stage DVC plans for the recipe runs, on synthetic images of the real shapes:
     each method x dataset x model of the (first-budget) grid is evaluated and reported."""

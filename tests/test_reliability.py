@@ -21,7 +21,7 @@ import yaml
 from chipprune.data import prepare_dataset, save_prepared
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(cost=80)  # seconds alone, for test ordering
 
 
 def _env(root: Path) -> dict:
