@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# stages fork from a warm server (no per-stage imports) and log to one MLflow server
 run: setup
-	python -m pipelines.mlflow_server -- dvc repro
+	python -m pipelines.stage_server -- python -m pipelines.mlflow_server -- dvc repro
 	@cat results/report.txt
 	@echo
 	@echo "Full table: results/report.csv and results/report.md; Pareto plot: results/pareto.png"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from chipprune.reporting.tracking import tracking_uri
+from pipelines.process_group import stop_group
 
 
 def free_port() -> int:
@@ -71,13 +71,7 @@ def local_server(store: str, port: int = 0, timeout: float = 90.0) -> Iterator[s
             time.sleep(0.3)
         yield url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc, timeout=15)
         log.close()
 
 

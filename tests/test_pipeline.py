@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow(cost=180)  # seconds alone, for test ordering
+pytestmark = pytest.mark.slow(cost=50)  # seconds alone, for test ordering
 
 
 def _run(cmd, cwd, env, timeout=600):
@@ -61,7 +61,8 @@ def repo(tmp_path_factory):
     _run(["dvc", "init", "-q"], root, env)
     _run(["git", "add", "-A"], root, env)
     _run(["git", "commit", "-qm", "init"], root, env)
-    first = _run(["dvc", "repro"], root, env)
+    # as `make run` does: every stage forks from a warm stage server (tests/test_stage_server.py)
+    first = _run([sys.executable, "-m", "pipelines.stage_server", "--", "dvc", "repro"], root, env)
     return root, env, first
 
 
