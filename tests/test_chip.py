@@ -266,6 +266,14 @@ def test_rates_to_widths_layouts_and_errors():
     assert rates_to_widths(vgg, [0.5] * 13, "vgg16_bn")["features.conv16"] == 256
     with pytest.raises(ValueError, match="vgg16_bn takes 13 rates, or 12"):
         rates_to_widths(vgg, [0.5] * 11, "vgg16_bn")
+    spec50 = create_model("resnet50").describe()
+    w50 = rates_to_widths(spec50, "[0.]+[0.5]*3+[0.6]*16", "resnet50")
+    assert (w50["conv1"], w50["layer1"], w50["layer3"], w50["layer4"]) == (64, 128, 512, 2048)
+    assert w50["layer1.0.conv1"] == w50["layer1.0.conv2"] == 25  # int(64 * 0.4)
+    assert w50["layer4.2.conv1"] == w50["layer4.2.conv2"] == 204  # layer4's blocks: pruned
+    with pytest.raises(ValueError, match=re.escape(
+            "resnet50 takes 20 rates (1 stem, 3 stage streams, 16 bottlenecks), got 19")):
+        rates_to_widths(spec50, "[0.]+[0.5]*3+[0.6]*15", "resnet50")
     with pytest.raises(ValueError, match="no CHIP rate layout"):
         rates_to_widths(spec56, [0.1] * 30, "resnet18")
     spec_b = create_model("resnet20", shortcut="B").describe()  # stem coupled to layer1

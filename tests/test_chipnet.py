@@ -120,3 +120,24 @@ def test_bn_recalibration_is_the_exact_average_over_its_batches():
     before = model.bn1.running_mean.clone()
     recalibrate_bn(model, data, batches=3, batch_size=16, seed=7)  # same images: same stats
     torch.testing.assert_close(model.bn1.running_mean, before)
+
+
+def test_saturated_gates_are_ranked_by_zeta_not_by_tied_z():
+    """At gamma 256 every z with psi > 0.07 is exactly 1.0 in float32, so ranking by z
+    would choose the marginal channels by index; the hard masks rank by zeta instead."""
+    model, gates, budget = _setup()
+    hooks = ChipNetHooks(model, gates, budget, "flops", 0.3, _data())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in gates._zetas():  # distinct zetas in random channel order, all saturated
+            p.copy_(0.5 + torch.rand(p.numel(), generator=g))
+    gates.beta, gates.gamma = 1.0, 256.0
+    z, hard = hooks.hard_masks()
+    assert all(bool((v == 1.0).all()) for v in z.values())  # every z tied
+    zeta = gates.all_zeta()
+    for group, keep in hard.keep.items():
+        width = int(keep.sum())
+        top = set(torch.sort(zeta[group], descending=True).indices[:width].tolist())
+        assert set(keep.nonzero().flatten().tolist()) == top, group
+    assert any(not bool(k[: int(k.sum())].all()) for k in hard.keep.values())  # not by index
+    assert 0.3 <= hard.achieved <= 0.31

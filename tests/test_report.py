@@ -76,23 +76,33 @@ def test_mlflow_tags_round_trip_to_the_same_record():
 
 
 def test_published_figures_sit_beside_the_matching_configurations_only():
+    def rates(config, model, **counts):
+        return {**rec("chip", "cifar10", 0.94, 0.52, 1.0, {"type": "rates", "target": None,
+                                                           "config": config}, model=model),
+                **counts}
+
     rows = [
+        rates("r110-52", "resnet110", params=889_702, macs=119_638_144, macs_with_bn=121_087_872),
+        rates("r56-47", "resnet56"),
         rec("chip", "cifar10", 0.93, 0.48, 1.0, {"type": "flops", "target": 0.479},
-            model="resnet110"),
-        rec("chip", "cifar10", 0.94, 0.52, 1.0, {"type": "rates", "target": None,
-                                                 "config": "r56-47"}, model="resnet56"),
-        rec("random", "cifar10", 0.90, 0.48, 1.0, {"type": "flops", "target": 0.479},
-            model="resnet110"),  # a baseline: the paper has no figure for it
-        rec("chip", "cifar10", 0.90, 0.48, 1.0, {"type": "flops", "target": 0.479},
-            model="resnet110", teacher="cifar100"),  # a transfer: not the paper's setting
+            model="resnet110"),  # our budget-driven row: not the authors' configuration
+        rec("random", "cifar10", 0.90, 0.48, 1.0, {"type": "rates", "target": None,
+                                                    "config": "r56-47"}, model="resnet56"),
+        {**rates("r56-47", "resnet56"), "teacher": "cifar100"},  # a transfer: not theirs
     ]
-    df = build_table(rows).set_index(["method", "model", "teacher"])
-    r110 = df.loc[("chip", "resnet110", "")]
+    df = build_table(rows).set_index(["method", "model", "budget_type", "teacher"])
+    r110 = df.loc[("chip", "resnet110", "rates:r110-52", "")]
     assert (r110["published_top1"], r110["published_params_fraction"],
-            r110["published_macs_fraction"]) == pytest.approx((0.9444, 0.517, 0.479))
-    r56 = df.loc[("chip", "resnet56", "")]
+            r110["published_macs_fraction"], r110["published_params"],
+            r110["published_flops"]) == pytest.approx((0.9444, 0.517, 0.479, 0.89e6, 121.09e6))
+    # both conventions of ours beside theirs: 121,087,872 with BN is their 121.09M
+    assert (r110["params"], r110["macs"], r110["flops_with_bn"]) == (
+        889_702, 119_638_144, 121_087_872)
+    r56 = df.loc[("chip", "resnet56", "rates:r56-47", "")]
     assert (r56["published_top1"], r56["published_macs_fraction"]) == pytest.approx((0.9416, 0.526))
-    for key in (("random", "resnet110", ""), ("chip", "resnet110", "cifar100")):
-        assert df.loc[key][["published_top1", "published_params_fraction",
-                            "published_macs_fraction"]].isna().all()
-    assert "published_top1" in to_markdown(build_table(rows)).splitlines()[0]
+    assert math.isnan(r56["published_top5"]) and pd.isna(r56["params"])  # not recorded
+    for key in (("chip", "resnet110", "flops", ""), ("random", "resnet56", "rates:r56-47", ""),
+                ("chip", "resnet56", "rates:r56-47", "cifar100")):
+        assert df.loc[key][[c for c in df.columns if c.startswith("published_")]].isna().all()
+    md = to_markdown(build_table(rows))
+    assert "published_flops" in md.splitlines()[0] and "| 121,087,872 |" in md

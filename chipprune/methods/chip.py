@@ -27,6 +27,7 @@ __all__ = [
 
 CIFAR_RESNETS = ("resnet20", "resnet32", "resnet56", "resnet110")
 VGG_MODELS = ("vgg16_bn",)
+BOTTLENECK_RESNETS = ("resnet50", "resnet101")
 
 
 @torch.no_grad()
@@ -143,12 +144,25 @@ def cifar_resnet_rate_groups(spec: ModelSpec) -> list[list[str]]:
     return [[stem]] + [[s] for s in streams[:-1]] + [[g] for g in inner]
 
 
+def bottleneck_resnet_rate_groups(spec: ModelSpec) -> list[list[str]]:
+    """The authors' ResNet-50 layout: one entry per rate, the groups it sets.
+
+    [stem, the layer1 .. layer3 streams, then one rate per bottleneck in forward order that
+    sets both its conv1 and conv2]; layer4's stream (the classifier's input) is never pruned.
+    """
+    groups = spec.groups()
+    streams = sorted(g for g in groups if re.fullmatch(r"layer\d+", g))[:-1]
+    blocks = [g[: -len(".conv1")] for g in groups if re.fullmatch(r"layer\d+\.\d+\.conv1", g)]
+    return [["conv1"], *([s] for s in streams), *([f"{b}.conv1", f"{b}.conv2"] for b in blocks)]
+
+
 def rates_to_widths(
     model_spec: ModelSpec, rates: str | Sequence[float], model_name: str
 ) -> dict[str, int]:
     """Group -> width = int(C * (1 - rate)) for the authors' rate layouts (groups without a
     rate stay dense): CIFAR ResNets as in `cifar_resnet_rate_groups`, VGG-16-BN one rate per
-    conv (13, or 12 meaning the last conv stays dense)."""
+    conv (13, or 12 meaning the last conv stays dense), ResNet-50 (and -101, the same
+    pattern) as in `bottleneck_resnet_rate_groups`."""
     rates = parse_rates(rates)
     dense = model_spec.widths()
     if model_name in CIFAR_RESNETS:
@@ -159,6 +173,14 @@ def rates_to_widths(
                 f"{model_name} takes {len(layout)} rates (1 stem, {len(layout) - 1 - blocks} "
                 f"stage streams, {blocks} blocks), got {len(rates)}"
             )
+    elif model_name in BOTTLENECK_RESNETS:
+        layout = bottleneck_resnet_rate_groups(model_spec)
+        blocks = len(layout) - 4
+        if len(rates) != len(layout):
+            raise ValueError(
+                f"{model_name} takes {len(layout)} rates (1 stem, 3 stage streams, {blocks} "
+                f"bottlenecks), got {len(rates)}"
+            )
     elif model_name in VGG_MODELS:
         layout = [[c.group] for c in model_spec.convs]
         if len(rates) not in (len(layout), len(layout) - 1):
@@ -168,7 +190,8 @@ def rates_to_widths(
             )
     else:
         raise ValueError(
-            f"no CHIP rate layout for model {model_name!r}; known: {CIFAR_RESNETS + VGG_MODELS}"
+            f"no CHIP rate layout for model {model_name!r}; known: "
+            f"{CIFAR_RESNETS + VGG_MODELS + BOTTLENECK_RESNETS}"
         )
     widths: dict[str, int] = dict(dense)
     rate_of: dict[str, float] = {}

@@ -141,8 +141,10 @@ class ChipNetHooks(TrainHooks):
 
     @torch.no_grad()
     def hard_masks(self):
+        """(z, the keep-masks at the budget): channels ranked by zeta, the order z has where
+        it has not saturated (see `ChannelGates.all_zeta`); z itself is what folds into BN."""
         z = {g: v.detach() for g, v in self.gates.all_z().items()}
-        return z, keep_at_budget(z, self.budget, self.kind, self.target,
+        return z, keep_at_budget(self.gates.all_zeta(), self.budget, self.kind, self.target,
                                  round_to=self.round_to)
 
     @torch.no_grad()

@@ -119,6 +119,13 @@ class ChannelGates(nn.Module):
         self.values()
         return dict(zip(self.groups, self._latest[3], strict=True))
 
+    def all_zeta(self) -> dict[str, torch.Tensor]:
+        """Group -> (C,) zeta, detached: the ranking behind the hard masks. z is a monotone
+        function of zeta (one beta and gamma for every gate) but saturates: in float32 z is
+        exactly 1.0 once gamma * psi > 17.3, so at gamma 256 every channel with psi > 0.07
+        ties at z = 1 and only zeta still orders them."""
+        return {g: p.detach() for g, p in zip(self.groups, self._zetas(), strict=True)}
+
     def crispness_loss(self) -> torch.Tensor:
         """mean over every gate of (z - psi)^2: zero exactly when each psi is 0 or 1."""
         psi, z = self.values()

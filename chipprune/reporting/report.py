@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pandas as pd
 
 from chipprune.reporting.published import published_for
 from chipprune.reporting.records import budget_label
 
+# Counts in both conventions: `macs` is ours (conv + FC), `flops_with_bn` adds BN at 2 per
+# output element, the count (thop's) the CHIP authors print for a pruned model, so a row
+# holds against `published_flops` without arithmetic.
+COUNT_FIELDS = ("params", "macs", "flops_with_bn")
+PUBLISHED_FIELDS = ("top1", "top5", "params_fraction", "macs_fraction", "params", "flops")
 COLUMNS = [
     "method", "dataset", "teacher", "protocol", "model", "budget_type", "target",
     "params_fraction", "macs_fraction", "top1", "delta_top1", "latency_ms",
-    "speedup", "speedup_per_macs_reduction",
-    "published_top1", "published_params_fraction", "published_macs_fraction",
+    "speedup", "speedup_per_macs_reduction", *COUNT_FIELDS,
+    *(f"published_{f}" for f in PUBLISHED_FIELDS),
 ]
-PUBLISHED_FIELDS = ("top1", "params_fraction", "macs_fraction")
 
 
 def _published(row: pd.Series) -> list[float]:
@@ -60,15 +65,18 @@ def build_table(records: list[dict], latency_field: str | None = None) -> pd.Dat
             "target": budget.get("target"), "params_fraction": r["params_fraction"],
             "macs_fraction": r["macs_fraction"], "top1": r["test_top1"],
             "latency_ms": r.get(latency_field) if latency_field else None, "source": r.get("source", ""),
+            "params": r.get("params"), "macs": r.get("macs"), "flops_with_bn": r.get("macs_with_bn"),
         })
     df = pd.DataFrame(rows, columns=COLUMNS[:7] + ["params_fraction", "macs_fraction", "top1",
-                                                    "latency_ms", "source"])
+                                                    "latency_ms", "source", *COUNT_FIELDS])
     dense = df[df["method"] == "dense"].set_index(["dataset", "model"])
     key = list(zip(df["dataset"], df["model"], strict=True))
 
     def ref(col):
         return [dense[col].get(k, float("nan")) if k in dense.index else float("nan") for k in key]
 
+    for col in COUNT_FIELDS:  # whole numbers, from metrics files (int) or MLflow (float) alike
+        df[col] = pd.to_numeric(df[col]).astype("Int64")
     df["delta_top1"] = df["top1"] - pd.Series(ref("top1"), index=df.index)
     df["speedup"] = pd.Series(ref("latency_ms"), index=df.index) / df["latency_ms"]
     df["speedup_per_macs_reduction"] = df["speedup"] * df["macs_fraction"]
@@ -86,9 +94,11 @@ def build_table(records: list[dict], latency_field: str | None = None) -> pd.Dat
 def to_markdown(df: pd.DataFrame) -> str:
     """A GitHub-style table (pandas' to_markdown needs `tabulate`; this does not)."""
     def fmt(v):
+        if v is pd.NA or (isinstance(v, float) and v != v):
+            return ""
         if isinstance(v, float):
-            return "" if v != v else f"{v:.4f}"
-        return str(v)
+            return f"{v:,.0f}" if v.is_integer() and abs(v) >= 1000 else f"{v:.4f}"  # counts
+        return f"{v:,}" if isinstance(v, int | np.integer) else str(v)
 
     df = df.drop(columns=["source"], errors="ignore")
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
