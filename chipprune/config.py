@@ -109,14 +109,29 @@ class OptimizerConfig(Strict):
     lr: float = Field(0.1, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0, le=1)
+    # which parameters weight_decay applies to: conv/linear weights only (ours), or every
+    # parameter, BN affine and biases included (both papers' authors: torch's plain SGD)
+    weight_decay_scope: Literal["weights", "all"] = "weights"
     nesterov: bool = True
 
 
 class ScheduleConfig(Strict):
-    kind: Literal["cosine", "step", "constant"] = "cosine"
+    kind: Literal["cosine", "step", "multistep", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0)
     step_size: int = Field(30, ge=1)  # kind=step: lr x gamma every step_size epochs
+    # kind=multistep: lr x gamma at each of these epochs (torch's MultiStepLR)
+    milestones: list[int] = []
     gamma: float = Field(0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _milestones(self) -> ScheduleConfig:
+        if self.kind == "multistep" and not self.milestones:
+            raise ValueError("kind multistep needs `milestones` (epochs, e.g. [80, 120])")
+        if self.milestones and (self.kind != "multistep" or self.milestones[0] < 1 or any(
+                b <= a for a, b in zip(self.milestones, self.milestones[1:], strict=False))):
+            raise ValueError(f"milestones {self.milestones}: only for kind multistep, "
+                             "increasing epochs >= 1")
+        return self
 
 
 class DistributedConfig(Strict):

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 from chipprune.budgets.counting import measure_cost
 from chipprune.data import prepare_dataset
@@ -306,3 +307,17 @@ def test_ci_on_cuda_matches_definition():
         assert torch.equal(
             ours.cpu().argsort(dim=-1, stable=True), ref.argsort(dim=-1, stable=True)
         )
+
+
+def test_scoring_points_are_the_authors():
+    """CHIP's authors score VGG-16-BN's 12 pruned convs at features[2, 6, 9, 13, 16, 19, 23,
+    26, 29, 33, 36, 39] (a conv followed by a max-pool after the pool), and ResNet-50's stem
+    after its max-pool."""
+    vgg = create_model("vgg16_bn")
+    index = {f"features.{name}": i for i, (name, _) in enumerate(vgg.features.named_children())}
+    points = [index[c.score_at] for c in vgg.describe().convs]
+    assert points[:12] == [2, 6, 9, 13, 16, 19, 23, 26, 29, 33, 36, 39]
+    assert all(isinstance(vgg.get_submodule(c.score_at), nn.MaxPool2d)
+               for c in vgg.describe().convs if index[c.score_at] in (6, 13, 23, 33))
+    assert create_model("resnet50").describe().convs[0].score_at == "maxpool"
+    assert create_model("resnet50", cifar_stem=True).describe().convs[0].score_at == "relu"

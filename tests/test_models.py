@@ -25,7 +25,7 @@ IDS = [n + "".join(f"-{k}={v}" for k, v in kw.items()) for n, kw in VARIANTS]
 
 ACTS = (nn.ReLU, nn.ReLU6)  # MobileNetV2 uses ReLU6
 # where channels are scored: an activation, or an nn.Identity tap on a linear bottleneck
-SCORE_AT = (*ACTS, nn.Identity)
+SCORE_AT = (*ACTS, nn.Identity, nn.MaxPool2d)
 
 
 def _named(model: nn.Module) -> dict[str, nn.Module]:
@@ -122,7 +122,8 @@ def test_every_relu_is_its_own_module_called_once_and_scores_its_conv(name, kw):
     assert len({id(m) for m in relus}) == len(relus)
     mods = _named(model)
     taps = {mods[c.score_at] for c in model.describe().convs} - set(relus)
-    assert all(type(m) is nn.Identity for m in taps)  # no other kind of scoring module
+    # no other kind of scoring module: an Identity tap, or the max-pool right after a ReLU
+    assert all(type(m) in (nn.Identity, nn.MaxPool2d) for m in taps)
     relus += list(taps)
     calls: dict[nn.Module, list[torch.Size]] = {m: [] for m in relus}
     handles = [m.register_forward_hook(lambda m, i, o: calls[m].append(o.shape)) for m in relus]

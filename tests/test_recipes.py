@@ -50,6 +50,20 @@ def test_chipnet_recipes_hold_the_authors_settings(tmp_path):
         assert (ft.epochs, ft.batch_size, ft.optimizer.lr, ft.optimizer.weight_decay) == (
             300, 128, 0.05, 1e-3)
         assert (ft.schedule.kind, ft.schedule.step_size, ft.schedule.gamma) == ("step", 30, 0.5)
+        assert ft.optimizer.weight_decay_scope == "all"  # torch's SGD over every parameter
+    dense = parse_params(_local(REPO / "recipes/chipnet-cifar.yaml", tmp_path)).train_dense
+    assert (dense.epochs, dense.batch_size, dense.optimizer.lr, dense.optimizer.momentum,
+            dense.optimizer.weight_decay, dense.optimizer.nesterov) == (200, 128, 0.05, 0.9,
+                                                                       1e-3, False)
+    assert (dense.schedule.kind, dense.schedule.step_size, dense.schedule.gamma) == (
+        "step", 30, 0.5)  # the ChipNet authors' pretraining script
+    slim = parse_params(_local(REPO / "recipes/chipnet-cifar-preresnet.yaml", tmp_path))
+    assert (slim.train_dense.schedule.kind, slim.train_dense.schedule.milestones) == (
+        "multistep", [80, 120])  # x0.1 at 50% and 75% of 160 epochs
+    chip = parse_params(_local(REPO / "recipes/chip-imagenet.yaml", tmp_path)).finetune["chip"]
+    assert (chip.epochs, chip.batch_size, chip.optimizer.lr, chip.optimizer.momentum,
+            chip.optimizer.weight_decay, chip.label_smoothing, chip.schedule.kind) == (
+        180, 256, 0.01, 0.99, 1e-4, 0.1, "cosine")  # the CHIP authors' README command
     grid = parse_params(_local(REPO / "recipes/chipnet-cifar.yaml", tmp_path)).prune
     assert grid.budgets == ["volume-0.5", "volume-0.25", "volume-0.125", "volume-0.0625"]
     grid = parse_params(_local(REPO / "recipes/chipnet-cifar-preresnet.yaml", tmp_path)).prune

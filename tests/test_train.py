@@ -137,3 +137,45 @@ def test_evaluate_counts_top1_and_top5_exactly():
     out = evaluate(Fixed(), data, batch_size=4)
     assert out["top1"] == pytest.approx(1 / 6)
     assert out["top5"] == pytest.approx(5 / 6)
+
+
+def test_multistep_schedule_is_torchs_multisteplr():
+    """PreResNet's "x0.1 at 50% and 75%" of 160 epochs: lr x0.1 at epoch 80 and at 120,
+    the same factors torch's MultiStepLR gives epoch by epoch."""
+    sched = ScheduleConfig(kind="multistep", milestones=[80, 120], gamma=0.1)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    ref = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[80, 120], gamma=0.1)
+    for epoch in range(160):
+        for step in (epoch * 7, epoch * 7 + 6):  # first and last step of the epoch
+            assert lr_multiplier(step, 7, 160, sched) == pytest.approx(
+                opt.param_groups[0]["lr"], rel=1e-12), epoch
+        opt.step()
+        ref.step()
+    assert lr_multiplier(119 * 7, 7, 160, sched) == pytest.approx(0.1)
+    assert lr_multiplier(120 * 7, 7, 160, sched) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(("schedule", "message"), [
+    ({"kind": "multistep"}, "kind multistep needs `milestones`"),
+    ({"kind": "cosine", "milestones": [10]}, "only for kind multistep"),
+    ({"kind": "multistep", "milestones": [10, 10]}, "increasing epochs"),
+    ({"kind": "multistep", "milestones": [0, 10]}, "increasing epochs >= 1"),
+])
+def test_bad_milestones_are_refused(schedule, message):
+    with pytest.raises(ValueError, match=message):
+        ScheduleConfig(**schedule)
+
+
+def test_weight_decay_scope():
+    from chipprune.training.loop import sgd
+
+    model = create_model("resnet20", num_classes=4, in_channels=1)
+    n_all = sum(1 for _ in model.parameters())
+    n_weights = sum(1 for p in model.parameters() if p.ndim > 1)  # convs and the fc weight
+    for scope, decayed in (("weights", n_weights), ("all", n_all)):
+        cfg = TrainConfig(optimizer={"weight_decay": 1e-3, "weight_decay_scope": scope})
+        groups = sgd(model, cfg).param_groups
+        assert [len(g["params"]) for g in groups] == [decayed, n_all - decayed]
+        assert [g["weight_decay"] for g in groups] == [1e-3, 0.0]
+    with pytest.raises(ValueError, match="weight_decay_scope"):
+        TrainConfig(optimizer={"weight_decay_scope": "bn"})

@@ -97,7 +97,8 @@ class ResNet(PrunableNet):
             self.bn1 = nn.BatchNorm2d(w(stem, 64))
             self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.relu = nn.ReLU(inplace=True)
-        convs = [PrunableConv("conv1", "bn1", stem, None, "relu")]
+        # the CHIP authors score the ImageNet stem after its max-pool
+        convs = [PrunableConv("conv1", "bn1", stem, None, "relu" if cifar_stem else "maxpool")]
         branches: list[Branch] = []
 
         in_group, in_dense, in_width = stem, 64, w(stem, 64)

@@ -19,7 +19,9 @@ class PrunableConv:
     # never pruned: the image, or a stream of `FixedConv`s)
     score_at: str  # the dedicated nn.ReLU (or ReLU6) whose output scores these channels
     # (CHIP); for a residual block's last conv and its downsample, the ReLU after the add; an
-    # nn.Identity tap on the block output where there is no activation (linear bottleneck)
+    # nn.Identity tap on the block output where there is no activation (linear bottleneck);
+    # the max-pool right after the ReLU where there is one, as the CHIP authors score (VGG's
+    # pooled convs, the ImageNet ResNet stem)
     out_channels: int = 0  # current width; describe() fills it from the module tree
 
 

@@ -40,7 +40,10 @@ class VGG(PrunableNet):
             self.features.add_module(f"conv{i}", nn.Conv2d(c, width, 3, padding=1))
             self.features.add_module(f"norm{i}", nn.BatchNorm2d(width))
             self.features.add_module(f"relu{i}", nn.ReLU(inplace=True))
-            convs.append(PrunableConv(name, f"features.norm{i}", name, prev, f"features.relu{i}"))
+            # CHIP's authors score a conv followed by a max-pool after the pool
+            pooled = i + 1 < len(cfg) and cfg[i + 1] == "M"
+            score_at = f"features.pool{i + 1}" if pooled else f"features.relu{i}"
+            convs.append(PrunableConv(name, f"features.norm{i}", name, prev, score_at))
             prev, c = name, width
         # the authors use AvgPool2d(2) on the 2x2 map of a 32x32 image; adaptive pooling is the
         # same there and also accepts smaller images

@@ -103,18 +103,22 @@ def lr_multiplier(step: int, steps_per_epoch: int, epochs: int, sched: ScheduleC
         return 1.0
     if sched.kind == "step":
         return sched.gamma ** ((step // steps_per_epoch) // sched.step_size)
+    if sched.kind == "multistep":
+        epoch = step // steps_per_epoch
+        return sched.gamma ** sum(epoch >= m for m in sched.milestones)
     total = epochs * steps_per_epoch
     progress = (step - warm) / max(1.0, total - warm)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def sgd(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with weight decay on conv/linear weights only (BN affine and biases are not decayed)."""
+    """SGD with weight decay on conv/linear weights only (BN affine and biases are not
+    decayed), or on every parameter with `optimizer.weight_decay_scope: all`."""
+    o = cfg.optimizer
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    o = cfg.optimizer
+            (decay if p.ndim > 1 or o.weight_decay_scope == "all" else no_decay).append(p)
     return torch.optim.SGD(
         [
             {"params": decay, "weight_decay": o.weight_decay},
