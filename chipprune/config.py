@@ -161,6 +161,9 @@ class TrainConfig(Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # the weights the stage writes: the last epoch's, or those of the epoch with the best
+    # validation top-1 (the first of equals; what the ChipNet authors keep)
+    keep: Literal["last", "best_val"] = "last"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool = True  # CUDA only

@@ -51,7 +51,8 @@ def train_pruned(
         import mlflow
 
         tracking.log_history(result.history[: result.resumed_from_epoch])
-        final = {k: v for k, v in result.history[-1].items() if k.startswith("val_")}
+        final = result.kept_val_metrics()  # the last epoch's, or the best (`keep`)
+        mlflow.log_metric("kept_epoch", result.kept_epoch)
         ckpt = make_checkpoint(model, model_name, model_kwargs, config=config, data_meta=meta,
                                history=result.history, metrics=final, masks=masks_info)
         save_checkpoint(ckpt, out / "checkpoint.pt")

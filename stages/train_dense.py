@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         import mlflow
 
         tracking.log_history(result.history[: result.resumed_from_epoch])
-        final = {k: v for k, v in result.history[-1].items() if k.startswith("val_")}
+        final = result.kept_val_metrics()  # the last epoch's, or the best (`keep`)
+        mlflow.log_metric("kept_epoch", result.kept_epoch)
         ckpt = make_checkpoint(
             model, m_cfg.arch, kwargs, config=config, data_meta=meta,
             history=result.history, metrics=final,

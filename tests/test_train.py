@@ -179,3 +179,31 @@ def test_weight_decay_scope():
         assert [g["weight_decay"] for g in groups] == [1e-3, 0.0]
     with pytest.raises(ValueError, match="weight_decay_scope"):
         TrainConfig(optimizer={"weight_decay_scope": "bn"})
+
+
+def test_keep_best_val_ends_on_the_best_epochs_weights_and_resumes(tmp_path):
+    train, val = _data(), _data(n=48, seed=1)
+    cfg = TrainConfig(epochs=6, batch_size=16, seed=0, keep="best_val",
+                      optimizer={"lr": 0.5}, schedule=ScheduleConfig(kind="constant"))
+    model = _model()
+    result = fit(model, train, val, cfg, AUG)
+    tops = [r["val_top1"] for r in result.history]
+    assert result.kept_epoch == tops.index(max(tops)) + 1 < len(tops)  # not the last here
+    assert evaluate(model, val, 1024)["top1"] == max(tops) == result.kept["val_top1"]
+    last = _model()
+    fit(last, train, val, cfg.model_copy(update={"keep": "last"}), AUG)
+    assert evaluate(last, val, 1024)["top1"] == tops[-1]  # same run, its last weights
+
+    store = ResumeStore(tmp_path / "state.pt", "fp")
+
+    def crash(row):
+        if row["epoch"] == len(tops) - 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(), train, val, cfg, AUG, resume=store, log=crash)
+    resumed = _model()
+    again = fit(resumed, train, val, cfg, AUG, resume=store)
+    assert again.kept_epoch == result.kept_epoch  # the best survived the kill
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

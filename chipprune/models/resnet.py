@@ -81,6 +81,7 @@ class ResNet(PrunableNet):
         num_classes: int = 1000,
         in_channels: int = 3,
         cifar_stem: bool = False,
+        stem_pool: bool | None = None,
         widths: dict[str, int] | None = None,
         kept: dict[str, list[int]] | None = None,
     ):
@@ -89,16 +90,18 @@ class ResNet(PrunableNet):
         n_inner = 1 if block is BasicBlock else 2  # convs of a block before its last one
 
         stem = "layer1" if e == 1 else "conv1"  # 64 -> 64 * e needs a downsample iff e > 1
-        if cifar_stem:  # 3x3 stride 1, no max-pool: (N, 64, H, W) for 32x32 images
+        # stem_pool: the 3x3/2 max-pool after the stem; None: ImageNet's stem has it, the CIFAR
+        # stem not. The ChipNet authors' CIFAR ResNet-50/101 keep it (layer1 at 16x16).
+        pooled = not cifar_stem if stem_pool is None else stem_pool
+        if cifar_stem:  # 3x3 stride 1: (N, 64, H, W) for 32x32 images, H/2 pooled
             self.conv1, self.bn1 = _conv_bn(in_channels, w(stem, 64), 3, 1)
-            self.maxpool: nn.Module = nn.Identity()
-        else:  # (N, 64, H/4, W/4)
+        else:  # (N, 64, H/2, W/2), H/4 pooled
             self.conv1 = nn.Conv2d(in_channels, w(stem, 64), 7, 2, 3, bias=False)
             self.bn1 = nn.BatchNorm2d(w(stem, 64))
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.maxpool: nn.Module = nn.MaxPool2d(3, 2, 1) if pooled else nn.Identity()
         self.relu = nn.ReLU(inplace=True)
-        # the CHIP authors score the ImageNet stem after its max-pool
-        convs = [PrunableConv("conv1", "bn1", stem, None, "relu" if cifar_stem else "maxpool")]
+        # the CHIP authors score a pooled stem after its max-pool
+        convs = [PrunableConv("conv1", "bn1", stem, None, "maxpool" if pooled else "relu")]
         branches: list[Branch] = []
 
         in_group, in_dense, in_width = stem, 64, w(stem, 64)

@@ -184,6 +184,15 @@ class TrainHooks:
 class FitResult:
     history: list[dict[str, float]]
     resumed_from_epoch: int  # 0 for a fresh run
+    kept_epoch: int = 0  # the epoch (1-based) whose weights the model holds at the end
+
+    @property
+    def kept(self) -> dict[str, float]:
+        """The history row of the kept epoch."""
+        return self.history[self.kept_epoch - 1]
+
+    def kept_val_metrics(self) -> dict[str, float]:
+        return {k: v for k, v in self.kept.items() if k.startswith("val_")}
 
 
 def fit(
@@ -216,6 +225,7 @@ def fit(
 
     history: list[dict[str, float]] = []
     start_epoch = 0
+    best: dict[str, Any] | None = None  # cfg.keep == "best_val": {"epoch", "top1", "model"}
     state = None
     if resume and n_ranks > 1:
         # Every rank reads rank 0's file; only then may rank 0 remove a stale one.
@@ -232,6 +242,7 @@ def fit(
         hooks.load_state_dict(state["hooks"])
         history = list(state["history"])
         start_epoch = int(state["epoch"])
+        best = state.get("best")
 
     n = len(train)
     bs = min(cfg.batch_size, n)
@@ -306,6 +317,9 @@ def fit(
         row.update(hooks.on_epoch_end(epoch, model))
         row["epoch_seconds"] = time.perf_counter() - t0
         history.append(row)
+        if cfg.keep == "best_val" and (best is None or row["val_top1"] > best["top1"]):
+            best = {"epoch": epoch + 1, "top1": row["val_top1"],
+                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         if resume and main:
             resume.save(
                 {
@@ -315,6 +329,7 @@ def fit(
                     "generator": gen.get_state(),
                     "hooks": hooks.state_dict(),
                     "history": history,
+                    "best": best,
                 }
             )
         if log and main:
@@ -335,4 +350,8 @@ def fit(
         distributed.barrier()  # leave together: no rank exits while another still trains
     if cuda and cfg.channels_last:
         model.to(memory_format=torch.contiguous_format)
-    return FitResult(history=history, resumed_from_epoch=start_epoch)
+    kept_epoch = len(history)
+    if best is not None:
+        model.load_state_dict(best["model"])
+        kept_epoch = int(best["epoch"])
+    return FitResult(history=history, resumed_from_epoch=start_epoch, kept_epoch=kept_epoch)
