@@ -55,3 +55,18 @@ def test_random_is_seeded(resnet56):
     c = baseline_scores("random", model, 4)
     assert all(torch.equal(a[g], b[g]) for g in a)
     assert not all(torch.equal(a[g], c[g]) for g in a)
+
+
+def test_l1_of_a_channel_selection_is_its_bn_scale():
+    """A selection (the authors' PreResNet gates every BN) has no filter: |gamma| of its BN,
+    over the group mean, as network slimming ranks those channels."""
+    model = create_model("preresnet164")
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data = torch.randn(m.num_features, generator=g)
+    scores = l1_scores(model)
+    gamma = model.get_submodule("layer2.3.bn1").weight.detach().abs().double()
+    torch.testing.assert_close(scores["layer2.3.select"], gamma / gamma.mean())
+    w = model.get_submodule("layer2.3.conv1").weight.detach().abs().double().sum((1, 2, 3))
+    torch.testing.assert_close(scores["layer2.3.conv1"], w / w.mean())

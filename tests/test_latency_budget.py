@@ -238,7 +238,8 @@ def test_depthwise_fixed_and_plain_convs(name):
     """MobileNetV2 (depthwise: one-dimensional tables), PreResNet (FixedConv stream convs,
     two-group branches), VGG (no branches): exact at random integer widths."""
     model = (
-        PreResNet(11, in_channels=1) if name == "preresnet11" else create_model(name, in_channels=1)
+        PreResNet(11, in_channels=1, select_inputs=False) if name == "preresnet11"
+        else create_model(name, in_channels=1)
     )
     table = profile(model)
     bm = BudgetModel.from_model(model, SHAPE, latency=table)
@@ -252,6 +253,12 @@ def test_depthwise_fixed_and_plain_convs(name):
     assert bm.cost("latency", widths) == pytest.approx(expected_ms(model, widths), rel=1e-12)
     if any(lt.op.depthwise for lt in table.layers):
         assert all(len(lt.in_widths) == 1 for lt in table.layers if lt.op.depthwise)
+
+
+def test_channel_selections_are_refused_naming_the_variant_that_profiles():
+    with pytest.raises(ValueError, match=r"layer1\.0\.select: a ChannelSelect has no latency "
+                       r"table.*select_inputs: false"):
+        profile(PreResNet(11, in_channels=1))
 
 
 def test_no_table_is_a_clear_error(resnet20):

@@ -12,13 +12,15 @@ import torch_pruning as tp
 import torchvision
 from torch import nn
 
-from chipprune.models import ChannelMapShortcut, create_model, list_models
+from chipprune.models import ChannelMapShortcut, ChannelSelect, create_model, list_models
 
 MODELS = list_models()
 # every family and shortcut kind the registry offers
 VARIANTS = [(n, {}) for n in MODELS] + [
     ("resnet20", {"shortcut": "B"}),
     ("resnet18", {"cifar_stem": True}),
+    ("resnet50", {"cifar_stem": True, "stem_pool": True}),  # the ChipNet authors' CIFAR net
+    ("preresnet164", {"select_inputs": False}),  # gates the blocks' inner channels only
 ]
 IDS = [n + "".join(f"-{k}={v}" for k, v in kw.items()) for n, kw in VARIANTS]
 
@@ -75,27 +77,40 @@ def test_describe_matches_module_tree(name, kw):
     widths = spec.widths()
     assert spec.in_channels == 1
     # every conv of the model is described exactly once (prunable, or fixed: never pruned)
-    all_convs = [n for n, m in mods.items() if isinstance(m, nn.Conv2d)]
+    all_convs = [n for n, m in mods.items() if isinstance(m, nn.Conv2d | ChannelSelect)]
     assert sorted(c.conv for c in (*spec.convs, *spec.fixed)) == sorted(all_convs)
     assert bool(spec.fixed) == (name == "preresnet164")
     for f in spec.fixed:  # its outputs are never pruned; its input may be
         conv = mods[f.conv]
         assert isinstance(conv, nn.Conv2d) and conv.groups == 1, f
         assert f.in_group is None or conv.in_channels == widths[f.in_group], f
+    selections = [c for c in spec.convs if isinstance(mods[c.conv], ChannelSelect)]
     for c in spec.convs:
         conv, bn, relu = mods[c.conv], mods[c.bn], mods[c.score_at]
-        assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d), c
+        assert isinstance(conv, nn.Conv2d | ChannelSelect) and isinstance(bn, nn.BatchNorm2d), c
         assert isinstance(relu, SCORE_AT), c
         assert conv.out_channels == bn.num_features == c.out_channels == widths[c.group], c
         if c.in_group is not None:  # else the image, or a stream that is never pruned
             assert conv.in_channels == widths[c.in_group], c
+    # the ChipNet authors' PreResNet gates every BN: a block's bn1 and the final bn select
+    # their reader's stream channels (54 blocks + 1), 12,112 gates in all
+    authors_preresnet = name == "preresnet164" and kw.get("select_inputs", True)
+    assert len(selections) == (55 if authors_preresnet else 0)
+    assert all(c.in_group is None for c in selections)
+    if authors_preresnet:
+        assert sum(widths.values()) == 12112
+        assert spec.classifier_in_group == "select"
+    elif name == "preresnet164":
+        assert sum(widths.values()) == 4032
     # the stem is the first conv with an unpruned input (fixed convs first), fed by the image
     stem = next(c for c in (*spec.fixed, *spec.convs) if c.in_group is None)
     assert stem.conv == ("features.conv0" if name == "vgg16_bn" else "conv1")
     assert mods[stem.conv].in_channels == 1
-    unpruned_in = [c.conv for c in spec.convs if c.in_group is None]
+    unpruned_in = [c.conv for c in spec.convs if c.in_group is None and c not in selections]
     if not spec.fixed:  # the stem is the only one
         assert unpruned_in == [stem.conv]
+    elif authors_preresnet:  # the blocks' conv1 read their selection
+        assert unpruned_in == []
     else:  # PreResNet: the blocks' conv1 read the (unpruned) stream
         assert all(n.endswith(".conv1") for n in unpruned_in) and len(unpruned_in) == 54
     fc = mods[spec.classifier]
@@ -272,5 +287,8 @@ def test_groups_equal_torch_pruning_dependencies(name, kw):
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, 16, 16))
     names = {m: n for n, m in model.named_modules()}
     for group, convs in model.describe().groups().items():
-        found = _coupled_out_channels(graph, model.get_submodule(convs[0].conv), names)
+        first = model.get_submodule(convs[0].conv)
+        if isinstance(first, ChannelSelect):  # a selection: no conv output to couple
+            continue
+        found = _coupled_out_channels(graph, first, names)
         assert found == {c.conv for c in convs}, group

@@ -167,13 +167,14 @@ def _randomise_bn(model: PrunableNet, masks, size, gen: torch.Generator) -> None
 
 def _random_keep(spec: ModelSpec, gen: torch.Generator, remove: int) -> dict[str, list[int]]:
     """Random kept sets (at least one channel each); every `remove`-th branch (from the
-    second) loses its last group, which removes the branch as a whole."""
+    second) loses one of its groups in turn (the last first), which removes the branch as
+    a whole."""
     keep = {}
     for g, c in spec.widths().items():
         k = int(torch.randint(1, c + 1, (1,), generator=gen))
         keep[g] = sorted(torch.randperm(c, generator=gen)[:k].tolist())
-    for br in spec.branches[1::remove]:
-        keep[br.groups[-1]] = []
+    for i, br in enumerate(spec.branches[1::remove]):
+        keep[br.groups[-1 - i % len(br.groups)]] = []
     return keep
 
 
@@ -183,9 +184,11 @@ CASES = [  # wrn26_12 is this code at widen factor 12: tests/test_surgery.py cov
     ("wrn", {"depth": 14, "widen_factor": 1}, (3, 16, 16)),
     ("mobilenetv2_cifar", {}, (3, 16, 16)),
     ("resnet101", {}, (3, 32, 32)),
-    ("preresnet164", {}, (3, 16, 16)),
+    ("preresnet164", {}, (3, 16, 16)),  # the authors': every BN gated (channel selections)
+    ("preresnet164", {"select_inputs": False}, (3, 16, 16)),  # inner groups only
 ]
-IDS = ["wrn-14-2", "wrn-14-1", "mobilenetv2_cifar", "resnet101", "preresnet164"]
+IDS = ["wrn-14-2", "wrn-14-1", "mobilenetv2_cifar", "resnet101", "preresnet164",
+       "preresnet164-inner"]
 
 
 @pytest.mark.parametrize("name,kw,size", CASES, ids=IDS)
@@ -243,6 +246,8 @@ def _block_output(name: str, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         ("mobilenetv2_cifar", {}, "layer3.2.conv1", "layer3.2"),
         ("preresnet164", {}, "layer2.0.conv2", "layer2.0"),  # with its projection
         ("preresnet164", {}, "layer2.3.conv1", "layer2.3"),
+        ("preresnet164", {}, "layer2.4.select", "layer2.4"),  # conv1 reads no channel
+        ("preresnet164", {"select_inputs": False}, "layer3.1.conv2", "layer3.1"),
     ],
 )
 def test_removed_branch_is_the_shortcut(name, kw, group, block):
@@ -258,10 +263,11 @@ def test_removed_branch_is_the_shortcut(name, kw, group, block):
         torch.testing.assert_close(b(x), _block_output(name, b, x))
     # and the whole model still runs and trains
     model.train()(torch.randn(2, 3, 16, 16)).sum().backward()
-    # only a removable branch's groups may be empty (PreResNet has no other group)
-    if name != "preresnet164":
+    # only a removable branch's groups may be empty (PreResNet: all but the classifier's)
+    other = "select" if name == "preresnet164" else "layer1"
+    if name != "preresnet164" or kw.get("select_inputs", True):
         with pytest.raises(ValueError, match=r"must be in \[1,"):
-            create_model(name, widths={"layer1": 0}, **kw)
+            create_model(name, widths={other: 0}, **kw)
 
 
 def test_mobilenetv2_stage_first_blocks_cannot_vanish():

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from chipprune.models.base import ChannelSelect
+
 BN_MACS_PER_ELEMENT = 2
 
 
@@ -37,7 +39,8 @@ def count_params(model: nn.Module) -> int:
 def conv_feature_sizes(
     model: nn.Module, input_size: tuple[int, int, int]
 ) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
-    """Conv name -> ((H, W) of its input, (H, W) of its output), from one zero-image forward."""
+    """Conv name -> ((H, W) of its input, (H, W) of its output), from one zero-image forward;
+    a `ChannelSelect` (a parameter-free selection conv of the description) is one too."""
     sizes: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
 
     def hook(name):
@@ -47,7 +50,7 @@ def conv_feature_sizes(
         return record
 
     handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
-               if isinstance(m, nn.Conv2d)]
+               if isinstance(m, nn.Conv2d | ChannelSelect)]
     try:
         forward_zero_image(model, input_size)
     finally:

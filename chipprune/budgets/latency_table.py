@@ -169,6 +169,12 @@ def _layer_plan(model: PrunableNet, input_size: tuple[int, int, int]):
     plan = []
     for c in (*spec.convs, *spec.fixed):
         m = model.get_submodule(c.conv)
+        if not isinstance(m, nn.Conv2d):
+            raise ValueError(
+                f"{c.conv}: a {type(m).__name__} has no latency table (only convs are timed); "
+                "for a latency budget describe the model without channel selections "
+                "(preresnet164: select_inputs: false)"
+            )
         prunable = hasattr(c, "bn")
         group = c.group if prunable else None
         depthwise = (

@@ -2,8 +2,8 @@
 method (so they meet the same budget, from above):
 
 - random: i.i.d. uniform scores -> a random allocation across layers, random channels.
-- l1: the L1 norm of each output filter (Li et al. 2017), summed over the convs of a
-  coupling group and divided by the group's mean, so layers of different scale compete
+- l1: the L1 norm of each output filter (Li et al. 2017; a channel selection's BN |gamma|),
+  summed over the convs of a coupling group and divided by the group's mean, so layers of different scale compete
   on relative importance in the global rank.
 - uniform: the same keep-rate in every layer (channels by L1 within each layer): a score
   of 1 - rank/C per group makes one global threshold keep the same fraction everywhere.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from chipprune.models import PrunableNet
+from chipprune.models import ChannelSelect, PrunableConv, PrunableNet
 
 BASELINES = ("random", "l1", "uniform")
 
@@ -28,12 +28,18 @@ def l1_scores(model: PrunableNet) -> dict[str, torch.Tensor]:
     spec = model.describe()
     out: dict[str, torch.Tensor] = {}
     for group, convs in spec.groups().items():
-        total = sum(
-            model.get_submodule(c.conv).weight.detach().abs().double().sum(dim=(1, 2, 3)).cpu()
-            for c in convs
-        )  # (C,)
+        total = sum(_l1(model, c) for c in convs)  # (C,)
         out[group] = total / total.mean().clamp_min(1e-12)
     return out
+
+
+def _l1(model: PrunableNet, c: PrunableConv) -> torch.Tensor:
+    """(C,) L1 norm of each output filter; a channel selection has no filter, so its BN's
+    |gamma| stands in (network slimming's own criterion for these channels)."""
+    conv = model.get_submodule(c.conv)
+    if isinstance(conv, ChannelSelect):
+        return model.get_submodule(c.bn).weight.detach().abs().double().cpu()
+    return conv.weight.detach().abs().double().sum(dim=(1, 2, 3)).cpu()
 
 
 def uniform_scores(within: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -106,3 +106,28 @@ class ChannelMapShortcut(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, offset={self.offset}, stride={self.stride}"
         )
+
+
+class ChannelSelect(nn.Module):
+    """Network slimming's channel selection: out = in[:, kept], the input's channels that one
+    reader keeps (ORIGINAL indices), in front of the BN that normalises them for it.
+
+    Seen as a conv it is a parameter-free 1x1 conv whose weight is the 0/1 selection matrix:
+    its output channels are prunable (a group), its input is a stream that stays whole. It
+    costs no parameter and no MAC; what pruning it saves is the BN's and the reader's share.
+    Identity while every channel is kept (the dense model), so dense state dicts are unchanged.
+    """
+
+    def __init__(self, in_channels: int, kept: list[int]):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, len(kept)
+        self.identity = list(kept) == list(range(in_channels))
+        # not persistent: rebuilt from the model kwargs, like the option-A channel maps
+        self.register_buffer("index", torch.tensor(kept, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (N, Cin, H, W) -> (N, len(kept), H, W)
+        return x if self.identity else x.index_select(1, self.index)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}"

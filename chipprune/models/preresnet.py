@@ -6,46 +6,56 @@ without BN on the raw input of each stage's first block, a final BN-ReLU before 
 About 1.70M params on CIFAR-10. (Network slimming's `channel_selection` layers are left out:
 they only matter for its own pruning; every other state_dict key matches.)
 
-What is prunable, and why: the spec gates (and surgery slices) channels at a BN right after
-their conv. Inside a bottleneck, conv1 -> bn2 and conv2 -> bn3 pair up, so each block's inner
-groups `layerS.B.conv1` and `layerS.B.conv2` are prunable, exactly: masking bn2 / bn3 zeroes
-what surgery removes. The stream (the stem conv, every conv3, the projection convs) has no BN
-after its convs: it is normalised by the NEXT blocks' bn1 (one per reader) and the final bn,
-so a stream channel could only be removed exactly by masking at all of them at once. The
-stream is therefore not pruned: those convs are `FixedConv`s (described, never pruned; a
-conv3 still loses the input channels its conv2 group drops), the blocks' conv1 read the
-stream as an unpruned input (in_group None), and the classifier too. Network slimming's
-selection after bn1 (a per-block choice of which stream channels conv1 reads) is not
-modelled either: it removes no computation from the stream.
+What is prunable (`select_inputs=True`, the default: the ChipNet authors' model, which gates
+every BN, 12,112 gates on CIFAR). Inside a bottleneck conv1 -> bn2 and conv2 -> bn3 pair up, so
+the inner groups `layerS.B.conv1` and `layerS.B.conv2` are prunable as usual. A block's bn1 and
+the final bn normalise the stream for one reader each (the block's conv1, the classifier):
+gating them chooses which stream channels that reader sees, network slimming's
+`channel_selection`. Each is a group of its own (`layerS.B.select`, `select`): a
+`ChannelSelect` (a parameter-free selection, seen by the spec as a conv with an unpruned
+input) picks the kept channels in front of the BN, and the reader's input shrinks with it.
+Pruning a selection saves the BN's and the reader's share, not the stream: the stream (the
+stem conv, every conv3, the projection convs) has no BN of its own after its convs, so it
+is never pruned; those convs are `FixedConv`s (a conv3 still loses the input channels its
+conv2 group drops).
 
-Orphan removal: a block whose conv1 or conv2 group keeps no channel is built without its
-branch (bn1, conv1 .. conv3) and computes shortcut(x): the identity, or the projection conv.
+`select_inputs=False` is our earlier variant: only the inner groups (4,032 gates), the
+blocks' conv1 and the classifier read the whole stream.
+
+Orphan removal: a block whose selection, conv1 or conv2 group keeps no channel is built
+without its branch (select, bn1, conv1 .. conv3) and computes shortcut(x): the identity, or
+the projection conv.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import GroupWidths, PrunableNet
+from .base import ChannelSelect, GroupWidths, PrunableNet
 from .registry import register_model
 from .spec import Branch, FixedConv, ModelSpec, PrunableConv
 
 
 class PreActBottleneck(nn.Module):
-    """bn1-relu1-conv1(1x1)-bn2-relu2-conv2(3x3, stride)-bn3-relu3-conv3(1x1), plus the
-    input or its projection (`downsample`, applied to the raw input); no ReLU after the add."""
+    """[select]-bn1-relu1-conv1(1x1)-bn2-relu2-conv2(3x3, stride)-bn3-relu3-conv3(1x1), plus
+    the input or its projection (`downsample`, applied to the raw input); no ReLU after the
+    add. `selected`: the stream channels conv1 reads (None: all, no selection module)."""
 
     expansion = 4
 
     def __init__(
-        self, cin: int, mids: tuple[int, int], cout: int, stride: int, downsample: nn.Module | None
+        self, cin: int, selected: list[int] | None, mids: tuple[int, int], cout: int,
+        stride: int, downsample: nn.Module | None,
     ):
         super().__init__()
-        self.has_branch = min(mids) > 0  # else removed (orphan removal): shortcut(x)
+        reads = cin if selected is None else len(selected)
+        self.has_branch = min(reads, *mids) > 0  # else removed (orphan removal): shortcut(x)
         if self.has_branch:
-            self.bn1 = nn.BatchNorm2d(cin)
+            if selected is not None:
+                self.select = ChannelSelect(cin, selected)
+            self.bn1 = nn.BatchNorm2d(reads)
             self.relu1 = nn.ReLU(inplace=True)
-            self.conv1 = nn.Conv2d(cin, mids[0], 1, bias=False)
+            self.conv1 = nn.Conv2d(reads, mids[0], 1, bias=False)
             self.bn2 = nn.BatchNorm2d(mids[0])
             self.relu2 = nn.ReLU(inplace=True)
             self.conv2 = nn.Conv2d(mids[0], mids[1], 3, stride, 1, bias=False)
@@ -58,21 +68,24 @@ class PreActBottleneck(nn.Module):
         residual = x if self.downsample is None else self.downsample(x)
         if not self.has_branch:
             return residual
-        out = self.conv1(self.relu1(self.bn1(x)))
+        out = self.select(x) if hasattr(self, "select") else x
+        out = self.conv1(self.relu1(self.bn1(out)))
         out = self.conv2(self.relu2(self.bn2(out)))
         out = self.conv3(self.relu3(self.bn3(out)))
         return out + residual
 
 
 class PreResNet(PrunableNet):
-    """Groups: each bottleneck's `layerS.B.conv1` and `layerS.B.conv2`, nothing else (see the
-    module docstring)."""
+    """Groups: each bottleneck's `layerS.B.conv1` and `layerS.B.conv2`, and with
+    `select_inputs` each block's `layerS.B.select` and the final `select` (see the module
+    docstring)."""
 
     def __init__(
         self,
         depth: int = 164,
         num_classes: int = 10,
         in_channels: int = 3,
+        select_inputs: bool = True,
         widths: dict[str, int] | None = None,
         kept: dict[str, list[int]] | None = None,
     ):
@@ -81,6 +94,12 @@ class PreResNet(PrunableNet):
             raise ValueError(f"pre-activation ResNet depth must be 9n+2 with n >= 1, got {depth}")
         n, e = (depth - 2) // 9, PreActBottleneck.expansion
         w = GroupWidths(widths, kept)
+
+        def selection(group: str, cin: int, may_vanish: bool) -> list[int] | None:
+            if not select_inputs:
+                return None
+            w(group, cin, may_vanish=may_vanish)
+            return w.kept(group)
 
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)  # (N, 16, H, W)
         fixed = [FixedConv("conv1", None)]
@@ -93,30 +112,43 @@ class PreResNet(PrunableNet):
             for b in range(n):
                 p, st = f"{stage}.{b}.", stride if b == 0 else 1  # p: name prefix
                 inner = (f"{p}conv1", f"{p}conv2")
+                selected = selection(f"{p}select", cin, may_vanish=True)
                 mids = (w(inner[0], planes, may_vanish=True), w(inner[1], planes, may_vanish=True))
-                if min(mids) > 0:  # a removed branch has no convs to describe
+                reads = cin if selected is None else len(selected)
+                if min(reads, *mids) > 0:  # a removed branch has no convs to describe
+                    own = inner if selected is None else (f"{p}select", *inner)
+                    if selected is not None:
+                        convs.append(
+                            PrunableConv(f"{p}select", f"{p}bn1", own[0], None, f"{p}relu1")
+                        )
                     convs += [
-                        PrunableConv(f"{p}conv1", f"{p}bn2", inner[0], None, f"{p}relu2"),
+                        PrunableConv(f"{p}conv1", f"{p}bn2", inner[0],
+                                     None if selected is None else own[0], f"{p}relu2"),
                         PrunableConv(f"{p}conv2", f"{p}bn3", inner[1], inner[0], f"{p}relu3"),
                     ]
                     fixed.append(FixedConv(f"{p}conv3", inner[1]))
-                    also = (f"{p}bn1", f"{p}conv3")
-                    branches.append(Branch(p[:-1], inner, inner, also))
+                    also = (f"{p}conv3",) if selected is not None else (f"{p}bn1", f"{p}conv3")
+                    branches.append(Branch(p[:-1], own, own, also))
                 downsample = None
                 if st != 1 or cin != planes * e:
                     downsample = nn.Sequential(nn.Conv2d(cin, planes * e, 1, st, bias=False))
                     fixed.append(FixedConv(f"{p}downsample.0", None))
-                blocks.append(PreActBottleneck(cin, mids, planes * e, st, downsample))
+                blocks.append(PreActBottleneck(cin, selected, mids, planes * e, st, downsample))
                 cin = planes * e
             self.add_module(stage, nn.Sequential(*blocks))
 
-        self.bn = nn.BatchNorm2d(cin)
+        selected = selection("select", cin, may_vanish=False)
+        if selected is not None:  # the classifier's own choice of stream channels
+            self.select = ChannelSelect(cin, selected)
+            convs.append(PrunableConv("select", "bn", "select", None, "relu"))
+        self.bn = nn.BatchNorm2d(cin if selected is None else len(selected))
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
+        self.fc = nn.Linear(self.bn.num_features, num_classes)
         w.check_all_used()
         self._spec = ModelSpec(
-            tuple(convs), (), "fc", None, branches=tuple(branches), fixed=tuple(fixed)
+            tuple(convs), (), "fc", None if selected is None else "select",
+            branches=tuple(branches), fixed=tuple(fixed),
         )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -125,6 +157,8 @@ class PreResNet(PrunableNet):
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv1(x)  # (N, 16, H, W)
         x = self.layer3(self.layer2(self.layer1(x)))  # (N, 256, H/4, W/4)
+        if hasattr(self, "select"):
+            x = self.select(x)  # (N, kept, H/4, W/4)
         x = self.relu(self.bn(x))
         return self.fc(self.avgpool(x).flatten(1))
 

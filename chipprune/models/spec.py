@@ -12,7 +12,8 @@ from dataclasses import dataclass
 class PrunableConv:
     """An nn.Conv2d whose output channels can be pruned, with the modules around it."""
 
-    conv: str  # qualified name of the nn.Conv2d
+    conv: str  # qualified name of the nn.Conv2d, or of a `ChannelSelect` (a parameter-free
+    # selection of an unpruned stream's channels for one reader, with in_group None)
     bn: str  # qualified name of the BatchNorm2d right after it (gates multiply its output)
     group: str  # coupling group: every conv of a group keeps the same output channels
     in_group: str | None  # group whose channels feed this conv (None = an input that is

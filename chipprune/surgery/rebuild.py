@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from chipprune.models import PrunableNet, create_model
+from chipprune.models import ChannelSelect, PrunableNet, create_model
 
 PRUNED_KWARGS = ("widths", "kept")
 
@@ -62,9 +62,10 @@ def _slice_plan(
     plan: dict[str, tuple[Tensor | None, ...]] = {}
     for c in spec.convs:
         conv = model.get_submodule(c.conv)
-        assert isinstance(conv, nn.Conv2d), c.conv
         out = pos[c.group]
-        if c.in_group == c.group and conv.groups == conv.in_channels == conv.out_channels:
+        if isinstance(conv, ChannelSelect):  # no weight: the kwargs' kept indices rebuild it
+            pass
+        elif c.in_group == c.group and conv.groups == conv.in_channels == conv.out_channels:
             plan[f"{c.conv}.weight"] = (out,)  # depthwise (C, 1, k, k): channel i reads input i
         elif conv.groups != 1:
             raise ValueError(
