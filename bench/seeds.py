@@ -5,9 +5,12 @@ paired difference to random (same seed, same fine-tuning draws).
 
     python bench/seeds.py [--budgets flops-0.125 params-0.125] [--seeds 0 1 2]
                           [--methods chipnet chip random] [--dataset digits] [--model resnet20]
+                          [--chip-combine sum normalised] [--params params.yaml]
 
 The seed moves everything a method draws: ChipNet's gate init and data order, CHIP's scoring
 images, the random baseline's scores, and every fine-tuning run. Needs `make run` first.
+With several `--chip-combine` values CHIP runs once per value (`chip:sum`, `chip:normalised`,
+same scoring images): how a residual stream's block outputs combine into one score.
 """
 
 from __future__ import annotations
@@ -31,14 +34,22 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["chipnet", "chip", "random"])
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--chip-combine", nargs="+", default=None, choices=["sum", "normalised"])
+    ap.add_argument("--params", default="params.yaml", help="the base params file")
     args = ap.parse_args()
+    methods = []  # (label, method, chip combine or None)
+    for m in args.methods:
+        if m == "chip" and args.chip_combine:
+            methods += [(f"chip:{c}", m, c) for c in args.chip_combine]
+        else:
+            methods.append((m, m, None))
 
     work = Path(tempfile.mkdtemp(prefix="chipprune-seeds-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     os.environ["MLFLOW_EXPERIMENT_NAME"] = "seeds"
     data = f"data/prepared/{args.dataset}"
     dense = f"runs/dense/{args.dataset}-{args.model}/checkpoint.pt"
-    base = yaml.safe_load(Path("params.yaml").read_text())
+    base = yaml.safe_load(Path(args.params).read_text())
     top1: dict[tuple[str, str], list[float]] = {}
     for seed in args.seeds:
         params = json.loads(json.dumps(base))  # deep copy, anchors resolved
@@ -47,41 +58,43 @@ def main() -> None:
             recipe["seed"] = seed
         params["prune"].update(budgets=args.budgets, datasets=[args.dataset], models=[args.model])
         params["transfer"]["pairs"] = {}
-        pfile = work / f"params-{seed}.yaml"
-        pfile.write_text(yaml.safe_dump(params))
-        p = ["--params", str(pfile)]
         point = f"{args.dataset}-{args.model}"
-        masks_root = {}  # method -> folder of <budget>-<dataset>-<model>/ mask folders
-        for method in args.methods:
-            masks_root[method] = work / f"{method}-{seed}"
+        masks_root = {}  # label -> folder of <budget>-<dataset>-<model>/ mask folders
+        for label, method, combine in methods:
+            if combine is not None:
+                params["chip"]["combine"] = combine
+            pfile = work / f"params-{seed}-{label.replace(':', '-')}.yaml"
+            pfile.write_text(yaml.safe_dump(params))
+            p = ["--params", str(pfile)]
+            masks_root[label] = work / f"{label.replace(':', '-')}-{seed}"
             if method == "chip":
-                scores = work / f"scores-{seed}"
+                scores = work / f"scores-{seed}-{label.replace(':', '-')}"
                 score_channels.main([args.dataset, args.model, dense, data, str(scores / point), *p])
                 select_channels.main([str(scores), "runs/dense", "data/prepared",
-                                      str(masks_root[method]), *p])
+                                      str(masks_root[label]), *p])
             elif method != "chipnet":
-                baseline_masks.main([method, "runs/dense", "data/prepared", str(masks_root[method]),
+                baseline_masks.main([method, "runs/dense", "data/prepared", str(masks_root[label]),
                                      *p])
         for budget in args.budgets:
-            for method in args.methods:
-                masks = masks_root[method] / f"{budget}-{point}"
+            for label, method, _ in methods:
+                masks = masks_root[label] / f"{budget}-{point}"
                 if method == "chipnet":
                     learn_masks.main([args.dataset, args.model, budget, data, dense, str(masks), *p])
-                tuned = work / f"ft-{method}-{budget}-{seed}"
+                tuned = work / f"ft-{label.replace(':', '-')}-{budget}-{seed}"
                 finetune.main([str(masks), dense, data, str(tuned), *p])
                 evaluate.main([str(tuned / "eval"), "--run", "tuned", str(tuned / "checkpoint.pt"),
                                data, *p])
                 m = json.loads((tuned / "eval/tuned/metrics.json").read_text())
-                top1.setdefault((method, budget), []).append(m["test_top1"])
+                top1.setdefault((label, budget), []).append(m["test_top1"])
 
     print(f"\n{args.model} on {args.dataset}, seeds {args.seeds}")
-    print(f"{'method':<10}{'budget':<14}{'top-1 mean':>11}{'stdev':>8}{'min':>8}{'max':>8}"
+    print(f"{'method':<18}{'budget':<14}{'top-1 mean':>11}{'stdev':>8}{'min':>8}{'max':>8}"
           f"{'vs random':>11}  runs")
     for (method, budget), v in sorted(top1.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         sd = statistics.stdev(v) if len(v) > 1 else 0.0
         ref = top1.get(("random", budget))
         paired = f"{statistics.mean(a - b for a, b in zip(v, ref, strict=True)):+.4f}" if ref else "-"
-        print(f"{method:<10}{budget:<14}{statistics.mean(v):>11.4f}{sd:>8.4f}{min(v):>8.4f}"
+        print(f"{method:<18}{budget:<14}{statistics.mean(v):>11.4f}{sd:>8.4f}{min(v):>8.4f}"
               f"{max(v):>8.4f}{paired:>11}  {', '.join(f'{x:.4f}' for x in v)}")
 
 

@@ -288,6 +288,10 @@ class ChipConfig(Strict):
     batches: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=1)
     augment: bool = True  # training augmentation on the scoring images, as the authors do
+    # how a residual stream's block outputs combine into one score per channel
+    # (chipprune.methods.chip.group_scores); sum: never worse in a seeded comparison
+    # (docs/methods.md, residual-stream selection)
+    combine: Literal["sum", "normalised"] = "sum"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

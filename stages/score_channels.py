@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         spec = model.describe()
         per_conv = score_channels(model, batches(), train.normalise, spec)
         seconds = time.perf_counter() - t0
-        per_group = group_scores(per_conv, spec)
+        per_group = group_scores(per_conv, spec, cfg.combine)
         write_json(out / "scores.json", {
             "model": dense["model_name"], "dataset": args.dataset,
-            "images": min(len(train), cfg.batches * cfg.batch_size),
+            "images": min(len(train), cfg.batches * cfg.batch_size), "combine": cfg.combine,
             "convs": {k: v.cpu().tolist() for k, v in per_conv.items()},
             "groups": {k: v.cpu().tolist() for k, v in per_group.items()},
         })

@@ -218,6 +218,31 @@ def test_group_scores_sum_each_map_once():
     assert torch.equal(groups["layer1.0.conv1"], per_conv["layer1.0.conv1"])
 
 
+def test_group_scores_normalised_weighs_every_map_the_same():
+    model = create_model("resnet20", in_channels=1, shortcut="B")
+    spec = model.describe()
+    g = torch.Generator().manual_seed(0)
+    per_conv = {c.conv: torch.rand(c.out_channels, generator=g, dtype=torch.float64)
+                for c in spec.convs}
+    # the deepest block's map at 1000x the scale: a plain sum follows it alone
+    per_conv["layer2.2.conv2"] = per_conv["layer2.2.conv2"] * 1000
+    plain = group_scores(per_conv, spec, "sum")
+    norm = group_scores(per_conv, spec, "normalised")
+    blocks = [per_conv[f"layer2.{b}.conv2"] for b in range(3)]
+    torch.testing.assert_close(norm["layer2"], sum(m / m.mean() for m in blocks))
+    assert norm["layer2"].mean().item() == pytest.approx(3.0)  # one per map
+    assert torch.equal(plain["layer2"].argsort(), (blocks[0] + blocks[1] + blocks[2]).argsort())
+    # one map per group: the same channel order either way
+    one = "layer1.0.conv1"
+    assert torch.equal(norm[one].argsort(), plain[one].argsort())
+    torch.testing.assert_close(norm[one], per_conv[one] / per_conv[one].mean())
+    per_conv["layer3.0.conv1"] = torch.zeros_like(per_conv["layer3.0.conv1"])  # a dead map
+    assert torch.equal(group_scores(per_conv, spec, "normalised")["layer3.0.conv1"],
+                       per_conv["layer3.0.conv1"])
+    with pytest.raises(ValueError, match="combine must be one of"):
+        group_scores(per_conv, spec, "max")
+
+
 def test_parse_rates():
     assert parse_rates("[0.]+[0.15]*2+[0.4]*27") == [0.0] + [0.15] * 2 + [0.4] * 27
     assert parse_rates(" [0.1, .2] + [1e-1] * 3 ") == [0.1, 0.2, 0.1, 0.1, 0.1]
@@ -321,3 +346,39 @@ def test_scoring_points_are_the_authors():
                for c in vgg.describe().convs if index[c.score_at] in (6, 13, 23, 33))
     assert create_model("resnet50").describe().convs[0].score_at == "maxpool"
     assert create_model("resnet50", cifar_stem=True).describe().convs[0].score_at == "relu"
+
+
+def test_score_channels_stage_combines_as_params_say(tmp_path, mlflow_store):
+    """The stage honours `chip.combine`: its groups are group_scores of its own per-conv CI
+    with that combination, and scores.json says which."""
+    import json
+
+    import yaml
+
+    from chipprune.data import save_prepared
+    from chipprune.training.checkpoint import make_checkpoint, save_checkpoint
+    from stages import score_channels
+    from tests.conftest import REPO
+
+    save_prepared(prepare_dataset("digits", image_size=16), tmp_path / "data")
+    kwargs = {"num_classes": 10, "in_channels": 1, "shortcut": "A"}
+    model = create_model("resnet20", **kwargs)
+    save_checkpoint(make_checkpoint(model, "resnet20", kwargs), tmp_path / "dense.pt")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["chip"].update(batches=1, batch_size=8)
+    groups = {}
+    for combine in ("sum", "normalised"):
+        params["chip"]["combine"] = combine
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        out = tmp_path / combine
+        score_channels.main(["digits", "resnet20", str(tmp_path / "dense.pt"),
+                             str(tmp_path / "data"), str(out), "--params",
+                             str(tmp_path / "params.yaml")])
+        saved = json.loads((out / "scores.json").read_text())
+        assert saved["combine"] == combine
+        per_conv = {k: torch.tensor(v, dtype=torch.float64) for k, v in saved["convs"].items()}
+        expected = group_scores(per_conv, model.describe(), combine)
+        for g, v in saved["groups"].items():
+            torch.testing.assert_close(torch.tensor(v, dtype=torch.float64), expected[g])
+        groups[combine] = saved["groups"]
+    assert groups["sum"]["layer2"] != groups["normalised"]["layer2"]

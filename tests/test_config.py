@@ -64,6 +64,9 @@ BAD = [
     ("chip_rates.r20-light.rates", "[0.]+[0.4]*x", "chip_rates.r20-light.rates", "bad rates term"),
     ("chip_rates.r20-light.rates", [0.2, 1.0], "chip_rates.r20-light.rates", "[0, 1)"),
     ("chip_rates.r20-light.model", "resnet56", "chip_rates.r20-light.model", "no CHIP scores"),
+    ("chip.combine", "max", "chip.combine", "'normalised'"),
+    ("finetune.chip.keep", "best_test", "finetune.chip.keep", "'best_val'"),
+    ("models.resnet20.kwargs", {"stem_pool": True}, "models.resnet20", "rejected by resnet20"),
 ]
 
 

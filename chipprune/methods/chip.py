@@ -16,6 +16,7 @@ from chipprune.methods.chip_ci import channel_independence, ci_definition
 from chipprune.models import ModelSpec
 
 __all__ = [
+    "COMBINES",
     "channel_independence",
     "ci_definition",
     "group_scores",
@@ -79,14 +80,27 @@ def score_channels(
     return {c.conv: sums[c.score_at] / n_images for c in spec.convs}
 
 
-def group_scores(per_conv: dict[str, Tensor], spec: ModelSpec) -> dict[str, Tensor]:
-    """Group -> (C,) summed CI of its coupled convs, each distinct feature map counted once
+COMBINES = ("sum", "normalised")
+
+
+def group_scores(
+    per_conv: dict[str, Tensor], spec: ModelSpec, combine: str = "sum"
+) -> dict[str, Tensor]:
+    """Group -> (C,) CI of its coupled convs combined, each distinct feature map counted once
     (an option-B downsample scores at its block's output, already counted for that block).
+
+    `combine`: "sum" adds the maps' CI as they are; "normalised" first divides each map's CI
+    by its mean over channels, so every map weighs the same. Raw CI grows with the map's
+    activation scale, and along a residual stream the scale grows block by block, so in a
+    plain sum the deepest block's map chooses the stream's channels almost alone. A group
+    with one map keeps the same order either way (a positive scale changes no ranking).
 
     One shared selection per residual stream is what surgery needs, since all convs of a
     group keep the same channels. The authors' code instead selects each block output of a
     stream on its own, from that block's CI alone, which a residual add cannot honour.
     """
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     out: dict[str, Tensor] = {}
     for group, convs in spec.groups().items():
         seen: set[str] = set()
@@ -94,7 +108,11 @@ def group_scores(per_conv: dict[str, Tensor], spec: ModelSpec) -> dict[str, Tens
             if c.score_at in seen:
                 continue
             seen.add(c.score_at)
-            out[group] = per_conv[c.conv] if group not in out else out[group] + per_conv[c.conv]
+            ci = per_conv[c.conv]
+            if combine == "normalised":
+                mean = ci.mean()
+                ci = ci / mean if mean > 0 else ci  # an all-zero (dead) map adds nothing
+            out[group] = ci if group not in out else out[group] + ci
     return out
 
 
