@@ -38,9 +38,9 @@ from chipprune.budgets.counting import measure_cost
 from chipprune.budgets.exact import BudgetModel
 from chipprune.budgets.latency import median_latency_ms
 from chipprune.budgets.latency_profile import TorchTimer, profile_model
+from chipprune.budgets.rates import rates_to_widths
 from chipprune.budgets.thresholding import keep_at_budget
 from chipprune.methods.baselines import l1_scores, random_scores
-from chipprune.methods.chip import rates_to_widths
 from chipprune.models import create_model
 from chipprune.surgery.rebuild import prune_model
 from chipprune.training.checkpoint import load_checkpoint

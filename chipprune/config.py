@@ -10,6 +10,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from chipprune.budgets.rates import parse_rates, rates_to_widths
+
 DATASET_SOURCES = ("digits", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic")
 NEEDS_ROOT = ("cifar10", "cifar100", "svhn", "imagefolder")
 
@@ -364,8 +366,6 @@ class RateConfig(Strict):
     @field_validator("rates")
     @classmethod
     def _rates_parse(cls, v: str | list[float]) -> str | list[float]:
-        from chipprune.methods.chip import parse_rates  # imported here: it loads torch
-
         parse_rates(v)  # the length is checked against the model by select_channels
         return v
 
@@ -446,8 +446,7 @@ class Params(Strict):
 
 def _check_rates_fit(name: str, rc: RateConfig, model: ModelConfig) -> None:
     """The rates must match the model's layout (its number of prunable layers)."""
-    from chipprune.methods.chip import rates_to_widths  # imported here: it loads torch
-    from chipprune.models import create_model
+    from chipprune.models import create_model  # imported here: it loads torch
 
     spec = create_model(model.arch, **model.kwargs).describe()
     try:

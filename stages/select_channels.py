@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 
 from chipprune.budgets.latency_table import TABLE_ROOT, latency_budget_doc
+from chipprune.budgets.rates import rates_to_widths
 from chipprune.budgets.thresholding import keep_at_budget
 from chipprune.config import ConfigError, load_params
 from chipprune.methods.baselines import uniform_scores
-from chipprune.methods.chip import rates_to_widths, select_top
+from chipprune.methods.chip import select_top
 from chipprune.reporting import tracking
 from chipprune.surgery.masks import masks_from_keep, save_masks
 from stages._common import atomic_dir, grid_points, run_main

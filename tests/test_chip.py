@@ -11,11 +11,10 @@ import torch
 from torch import nn
 
 from chipprune.budgets.counting import measure_cost
+from chipprune.budgets.rates import parse_rates, rates_to_widths
 from chipprune.data import prepare_dataset
 from chipprune.methods.chip import (
     group_scores,
-    parse_rates,
-    rates_to_widths,
     score_channels,
     select_top,
 )

@@ -137,10 +137,21 @@ def test_group_layouts():
     assert spec.branches[0].groups == ("layer2.1.conv1",)
     assert len(spec.widths()) == 1 + 7 + 16 + 1  # stem, streams, expand groups, head
 
+    # the ChipNet authors' PreResNet: per block a selection of the stream and two inner
+    # groups, and the classifier's own selection
     spec = create_model("preresnet164").describe()
-    assert len(spec.widths()) == 2 * 54 and spec.classifier_in_group is None
+    widths = spec.widths()
+    assert len(widths) == 3 * 54 + 1 and spec.classifier_in_group == "select"
+    assert (widths["layer1.0.select"], widths["layer1.1.select"], widths["select"]) == (16, 64, 256)
+    assert spec.conv("layer1.1.conv1").in_group == "layer1.1.select"
     assert [f.conv for f in spec.fixed[:3]] == ["conv1", "layer1.0.conv3", "layer1.0.downsample.0"]
     assert spec.fixed[1].in_group == "layer1.0.conv2"
+    br = spec.branches[0]
+    assert br.groups == br.convs == ("layer1.0.select", "layer1.0.conv1", "layer1.0.conv2")
+    assert br.also == ("layer1.0.conv3",)
+    # the inner-only variant
+    spec = create_model("preresnet164", select_inputs=False).describe()
+    assert len(spec.widths()) == 2 * 54 and spec.classifier_in_group is None
     assert spec.branches[0].also == ("layer1.0.bn1", "layer1.0.conv3")
 
 

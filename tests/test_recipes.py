@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from chipprune.budgets.counting import measure_cost
+from chipprune.budgets.rates import rates_to_widths
 from chipprune.config import parse_params
-from chipprune.methods.chip import rates_to_widths
 from chipprune.models import create_model
 from tests.conftest import REPO
 
