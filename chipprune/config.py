@@ -204,6 +204,16 @@ class EvaluateConfig(Strict):
         return v
 
 
+class ExportConfig(Strict):
+    """The export stage: every evaluated model as ONNX, checked against PyTorch on the first
+    `parity_images` test images, timed in ONNX Runtime at evaluate.latency's batch sizes."""
+
+    parity_images: int = Field(256, ge=1)
+    # the stage fails when max |logit difference| > tolerance * max(1, max |logit|)
+    tolerance: float = Field(1e-4, gt=0, lt=1)
+    device: Literal["cpu", "cuda"] = "cpu"  # ONNX Runtime's execution provider
+
+
 class LatencyBudgetConfig(Strict):
     """The `latency` budget's table (stage profile_latency): every prunable conv timed as
     conv + BN (+ residual add) + ReLU on the target device at the target batch size, on a
@@ -381,6 +391,7 @@ class Params(Strict):
     dense: DenseGrid
     train_dense: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
     prune: PruneGrid | None = None
     latency_budget: LatencyBudgetConfig = LatencyBudgetConfig()
     learn_masks: LearnMasksConfig = LearnMasksConfig()

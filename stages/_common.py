@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from chipprune.config import ConfigError, DistributedConfig, parse_budget_label
+from chipprune.config import ConfigError, DistributedConfig, load_params, parse_budget_label
 from chipprune.data import DataFileError
+from chipprune.deploy.onnx_export import ExportError
 from chipprune.reporting import tracking
 from chipprune.reporting.tracking import TrackingUnreachable
 from chipprune.surgery.masks import MaskError
@@ -34,6 +35,7 @@ def parse_budget(label: str) -> tuple[str, float]:
 
 USER_ERRORS = (
     ConfigError, CheckpointError, DataFileError, MaskError, TrackingUnreachable, FileNotFoundError,
+    ExportError,
 )
 RESUME_DIR = Path(".chipprune") / "resume"
 
@@ -171,3 +173,47 @@ def evaluated_runs(params: Any, runs_root: str | Path = "runs",
         out.append(EvaluatedRun(f"transfer-{key}", runs / "finetune" / f"transfer-{key}" / "checkpoint.pt",
                                 data / pair.student))
     return out
+
+
+def parse_run_args(argv: list[str] | None, prog: str, doc: str | None, verb: str) -> Any:
+    """The CLI of a stage over every evaluated checkpoint (evaluate, export): its output
+    folder, then which checkpoints (see `runs_from_args`)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=prog, description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out_dir")
+    ap.add_argument("--only", action="append", metavar="NAME",
+                    help=f"{verb} only this run of the params grid (repeatable)")
+    ap.add_argument("--run", action="append", nargs=3, metavar=("NAME", "CHECKPOINT", "DATA_DIR"),
+                    help=f"{verb} this checkpoint instead of the params grid (repeatable)")
+    ap.add_argument("--runs-root", default="runs")
+    ap.add_argument("--data-root", default="data/prepared")
+    ap.add_argument("--params", default="params.yaml")
+    return ap.parse_args(argv)
+
+
+def runs_from_args(args: Any) -> list[EvaluatedRun]:
+    """The checkpoints `parse_run_args` named (`--run`), else the params grid's (`--only`
+    a subset), each found with its prepared data before any work."""
+    if args.run:
+        runs = [EvaluatedRun(n, Path(c), Path(d)) for n, c, d in args.run]
+    else:
+        runs = evaluated_runs(load_params(args.params), args.runs_root, args.data_root)
+        if args.only:
+            known = {r.name for r in runs}
+            unknown = sorted(set(args.only) - known)
+            if unknown:
+                raise ConfigError(f"--only {', '.join(unknown)}: not a run of {args.params}; "
+                                  f"its runs: {', '.join(sorted(known))}")
+            runs = [r for r in runs if r.name in args.only]
+    names = [r.name for r in runs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"runs named twice: {repeated}")
+    for r in runs:  # all found before any work
+        if not r.checkpoint.is_file():
+            raise FileNotFoundError(f"{r.name}: no checkpoint at {r.checkpoint}")
+        if not (r.data_dir / "meta.json").is_file():
+            raise FileNotFoundError(f"{r.name}: no prepared dataset at {r.data_dir}")
+    return runs

@@ -16,7 +16,6 @@ is built aside and replaces <out_dir> when complete.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,14 +23,14 @@ from typing import Any
 from chipprune.atomic import write_json
 from chipprune.budgets.counting import measure_cost
 from chipprune.budgets.latency import latency_metrics
-from chipprune.config import ConfigError, EvaluateConfig, load_params
+from chipprune.config import EvaluateConfig, load_params
 from chipprune.data import load_prepared
 from chipprune.models import create_model
 from chipprune.reporting import tracking
 from chipprune.reporting.records import run_tags
 from chipprune.training.checkpoint import load_checkpoint, model_from_checkpoint
 from chipprune.training.loop import DeviceData, evaluate, resolve_device
-from stages._common import EvaluatedRun, atomic_dir, evaluated_runs, run_main
+from stages._common import EvaluatedRun, atomic_dir, parse_run_args, run_main, runs_from_args
 
 
 def evaluate_checkpoint(run: EvaluatedRun, test: DeviceData, meta: dict[str, Any],
@@ -82,45 +81,11 @@ def evaluate_checkpoint(run: EvaluatedRun, test: DeviceData, meta: dict[str, Any
     }
 
 
-def _targets(args: argparse.Namespace) -> list[EvaluatedRun]:
-    if args.run:
-        runs = [EvaluatedRun(n, Path(c), Path(d)) for n, c, d in args.run]
-    else:
-        runs = evaluated_runs(load_params(args.params), args.runs_root, args.data_root)
-        if args.only:
-            known = {r.name for r in runs}
-            unknown = sorted(set(args.only) - known)
-            if unknown:
-                raise ConfigError(f"--only {', '.join(unknown)}: not a run of {args.params}; "
-                                  f"its runs: {', '.join(sorted(known))}")
-            runs = [r for r in runs if r.name in args.only]
-    names = [r.name for r in runs]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ConfigError(f"runs named twice: {repeated}")
-    for r in runs:  # all found before any work
-        if not r.checkpoint.is_file():
-            raise FileNotFoundError(f"{r.name}: no checkpoint at {r.checkpoint}")
-        if not (r.data_dir / "meta.json").is_file():
-            raise FileNotFoundError(f"{r.name}: no prepared dataset at {r.data_dir}")
-    return runs
-
-
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="stages.evaluate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out_dir")
-    ap.add_argument("--only", action="append", metavar="NAME",
-                    help="evaluate only this run of the params grid (repeatable)")
-    ap.add_argument("--run", action="append", nargs=3, metavar=("NAME", "CHECKPOINT", "DATA_DIR"),
-                    help="evaluate this checkpoint instead of the params grid (repeatable)")
-    ap.add_argument("--runs-root", default="runs")
-    ap.add_argument("--data-root", default="data/prepared")
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
+    args = parse_run_args(argv, "stages.evaluate", __doc__, "evaluate")
 
     cfg = load_params(args.params).evaluate
-    runs = _targets(args)
+    runs = runs_from_args(args)
     device = resolve_device(cfg.device)
     config = {"evaluate": cfg.model_dump(), "runs": {r.name: str(r.checkpoint) for r in runs}}
     with atomic_dir(args.out_dir) as tmp, \

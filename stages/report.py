@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out_dir")
     ap.add_argument("eval_dir", help="the evaluate stage's folder: <name>/metrics.json per run")
     ap.add_argument("--figure", help="also copy pareto.png here (the README's picture)")
+    ap.add_argument("--export-dir", help="the export stage's folder: <name>/export.json per "
+                    "run, whose ONNX Runtime figures join the run's row")
     args = ap.parse_args(argv)
 
     files = sorted(Path(args.eval_dir).glob("*/metrics.json"))
@@ -110,6 +112,15 @@ def main(argv: list[str] | None = None) -> None:
         raise FileNotFoundError(f"no */metrics.json under {args.eval_dir}")
     # source: the evaluated checkpoint (its widths, and its history beside it)
     records = [{**(doc := json.loads(f.read_text())), "source": doc["checkpoint"]} for f in files]
+    if args.export_dir:
+        exported = {f.parent.name: json.loads(f.read_text())
+                    for f in Path(args.export_dir).glob("*/export.json")}
+        missing = sorted({f.parent.name for f in files} - set(exported))
+        if missing:
+            raise FileNotFoundError(f"no export.json under {args.export_dir} for {missing}")
+        records = [{**r, **{k: v for k, v in exported[f.parent.name].items()
+                            if k.startswith(("ort_", "onnx_"))}}
+                   for r, f in zip(records, files, strict=True)]
     df = build_table(records)
     table = terminal_table(df)
     out = Path(args.out_dir)

@@ -79,6 +79,15 @@ def test_repro_builds_every_output(repo):
     assert 0.0 <= metrics["test_top1"] <= 1.0
     assert set(metrics) >= {"test_top5", "macs", "latency_ms_bs1", "latency_ms_bs8"}
     assert "Running stage 'train_dense@digits-resnet20'" in first.stdout
+    # every evaluated model as ONNX, its logits PyTorch's, timed in ONNX Runtime, in the report
+    for name in ("dense-digits-resnet20", "chipnet-flops-0.5-digits-resnet20"):
+        export = json.loads((root / f"runs/export/{name}/export.json").read_text())
+        assert (root / f"runs/export/{name}/model.onnx").is_file()
+        assert export["parity_images"] == 256 and export["onnx_top1_agreement"] == 1.0
+        assert export["onnx_max_abs_diff"] <= 1e-4 * max(1.0, export["onnx_max_abs_logit"])
+        assert export["ort_latency_ms_bs1"] > 0 and export["ort_latency_ms_bs8"] > 0
+    report = (root / "results/report.csv").read_text().splitlines()
+    assert "ort_speedup" in report[0].split(",")
 
 
 def test_every_executed_stage_has_an_mlflow_run(repo):
@@ -95,6 +104,14 @@ def test_every_executed_stage_has_an_mlflow_run(repo):
         "evaluate@dense-digits_even-resnet20",
         "evaluate@random-flops-0.5-digits-resnet20",
         "evaluate@transfer-to-even",
+        "export",
+        "export@chip-flops-0.5-digits-resnet20",
+        "export@chip-rates-r20-light",
+        "export@chipnet-flops-0.5-digits-resnet20",
+        "export@dense-digits-resnet20",
+        "export@dense-digits_even-resnet20",
+        "export@random-flops-0.5-digits-resnet20",
+        "export@transfer-to-even",
         "finetune@chip-flops-0.5-digits-resnet20",
         "finetune@chip-rates-r20-light",
         "finetune@chipnet-flops-0.5-digits-resnet20",

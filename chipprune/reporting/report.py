@@ -19,7 +19,8 @@ PUBLISHED_FIELDS = ("top1", "top5", "params_fraction", "macs_fraction", "params"
 COLUMNS = [
     "method", "dataset", "teacher", "protocol", "model", "budget_type", "target",
     "params_fraction", "macs_fraction", "top1", "delta_top1", "latency_ms",
-    "speedup", "speedup_per_macs_reduction", *COUNT_FIELDS,
+    "speedup", "speedup_per_macs_reduction", "ort_latency_ms", "ort_speedup",
+    "onnx_max_abs_diff", *COUNT_FIELDS,
     *(f"published_{f}" for f in PUBLISHED_FIELDS),
 ]
 
@@ -36,25 +37,28 @@ def _published(row: pd.Series) -> list[float]:
             for f in PUBLISHED_FIELDS]
 
 
-def latency_key(records: list[dict]) -> str | None:
+def latency_key(records: list[dict], prefix: str = "latency_ms_bs") -> str | None:
     """The latency field of the largest batch size every record measured (`latency_ms_bs<N>`,
-    the faster memory format; the per-format `latency_ms_bs<N>_nchw` / `_cl` are not picked)."""
-    common = set.intersection(*({k for k in r if re.fullmatch(r"latency_ms_bs\d+", k)}
+    the faster memory format; the per-format `latency_ms_bs<N>_nchw` / `_cl` are not picked;
+    `ort_latency_ms_bs<N>` with that prefix)."""
+    common = set.intersection(*({k for k in r if re.fullmatch(rf"{prefix}\d+", k)}
                                 for r in records))
-    return max(common, key=lambda k: int(k.removeprefix("latency_ms_bs")), default=None)
+    return max(common, key=lambda k: int(k.removeprefix(prefix)), default=None)
 
 
 def build_table(records: list[dict], latency_field: str | None = None) -> pd.DataFrame:
     """One row per evaluated model. Records carry: method ('dense' for the reference),
     dataset, model, budget {type, target} (None for dense), teacher (transfers), test_top1,
     params_fraction, macs_fraction and latency fields `latency_ms_bs<N>` (the largest N all
-    records share is used unless `latency_field` names one).
+    records share is used unless `latency_field` names one); where the export stage ran,
+    `ort_latency_ms_bs<N>` (ONNX Runtime, the same N rule) and `onnx_max_abs_diff`.
 
     delta_top1 and speedup are against the dense model of the same dataset and architecture;
     speedup / (1 / macs_fraction) says how much of the MACs reduction the hardware delivers.
     published_*: the paper's figures for the row's configuration (chipprune.reporting.published).
     """
     latency_field = latency_field or (latency_key(records) if records else None)
+    ort_field = latency_key(records, "ort_latency_ms_bs") if records else None
     rows = []
     for r in records:
         budget = r.get("budget") or {}
@@ -65,10 +69,13 @@ def build_table(records: list[dict], latency_field: str | None = None) -> pd.Dat
             "target": budget.get("target"), "params_fraction": r["params_fraction"],
             "macs_fraction": r["macs_fraction"], "top1": r["test_top1"],
             "latency_ms": r.get(latency_field) if latency_field else None, "source": r.get("source", ""),
+            "ort_latency_ms": r.get(ort_field) if ort_field else None,
+            "onnx_max_abs_diff": r.get("onnx_max_abs_diff"),
             "params": r.get("params"), "macs": r.get("macs"), "flops_with_bn": r.get("macs_with_bn"),
         })
     df = pd.DataFrame(rows, columns=COLUMNS[:7] + ["params_fraction", "macs_fraction", "top1",
-                                                    "latency_ms", "source", *COUNT_FIELDS])
+                                                    "latency_ms", "source", "ort_latency_ms",
+                                                    "onnx_max_abs_diff", *COUNT_FIELDS])
     dense = df[df["method"] == "dense"].set_index(["dataset", "model"])
     key = list(zip(df["dataset"], df["model"], strict=True))
 
@@ -80,6 +87,11 @@ def build_table(records: list[dict], latency_field: str | None = None) -> pd.Dat
     df["delta_top1"] = df["top1"] - pd.Series(ref("top1"), index=df.index)
     df["speedup"] = pd.Series(ref("latency_ms"), index=df.index) / df["latency_ms"]
     df["speedup_per_macs_reduction"] = df["speedup"] * df["macs_fraction"]
+    for col in ("ort_latency_ms", "onnx_max_abs_diff"):
+        df[col] = pd.to_numeric(df[col]).astype(float)  # NaN where the export did not run
+    # ONNX Runtime: against the dense model of the same dataset and architecture, exported
+    # and timed the same way
+    df["ort_speedup"] = pd.Series(ref("ort_latency_ms"), index=df.index) / df["ort_latency_ms"]
     published = pd.DataFrame([_published(r) for _, r in df.iterrows()], index=df.index,
                              columns=[f"published_{f}" for f in PUBLISHED_FIELDS], dtype=float)
     df = pd.concat([df, published], axis=1)

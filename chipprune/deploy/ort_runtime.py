@@ -1,0 +1,60 @@
+"""ONNX Runtime sessions and their measured latency, in evaluate's discipline: warm-up
+excluded, the median of repeats, the fastest of interleaved rounds (load on a shared
+machine only adds time), the model and its dense reference alternating in each round."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def session(path: str | Path, device: str = "cpu"):
+    """An InferenceSession on `device`: CUDA where asked and available, else the CPU."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    wanted = PROVIDERS if device == "cuda" else PROVIDERS[1:]
+    providers = [p for p in wanted if p in ort.get_available_providers()]
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
+def median_latency_ms(sess, input_shape: tuple[int, int, int], batch_size: int,
+                      warmup: int = 5, repeats: int = 20) -> float:
+    """Median wall time in ms of one run of a (batch_size, *input_shape) float32 batch."""
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((batch_size, *input_shape), dtype=np.float32)
+    for _ in range(warmup):
+        sess.run(None, {name: x})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def latency_metrics(sess, input_shape: tuple[int, int, int], batch_sizes: list[int],
+                    warmup: int = 5, repeats: int = 20, reference=None,
+                    rounds: int = 1) -> dict[str, float]:
+    """`ort_latency_ms_bs<N>` per batch size and, with a `reference` session (the dense
+    architecture exported the same way), `ort_dense_latency_ms_bs<N>` and
+    `ort_speedup_bs<N>` = reference / this, each the fastest of `rounds` interleaved rounds."""
+    out: dict[str, float] = {}
+    for bs in batch_sizes:
+        best = ref_best = float("inf")
+        for _ in range(rounds):
+            best = min(best, median_latency_ms(sess, input_shape, bs, warmup, repeats))
+            if reference is not None:
+                ref_best = min(ref_best,
+                               median_latency_ms(reference, input_shape, bs, warmup, repeats))
+        out[f"ort_latency_ms_bs{bs}"] = best
+        if reference is not None:
+            out[f"ort_dense_latency_ms_bs{bs}"] = ref_best
+            out[f"ort_speedup_bs{bs}"] = ref_best / best
+    return out

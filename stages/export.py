@@ -1,0 +1,128 @@
+"""DVC stage `export`: every checkpoint evaluate evaluates (the same list, from params.yaml),
+as an ONNX file with a dynamic batch dimension, checked against PyTorch on the first
+`export.parity_images` test images (max |logit difference| and top-1 agreement; over
+`export.tolerance` the stage fails, naming the run), and timed in ONNX Runtime at
+evaluate.latency's batch sizes and rounds (with `dense_reference`, interleaved with its dense
+architecture exported the same way: `ort_speedup_bs<N>`; else the report divides by the
+dense model's row) -> <out_dir>/<name>/model.onnx and export.json, one MLflow run per model
+(the ONNX file its artifact), nested under the stage's run.
+
+    python -m stages.export <out_dir> [--only NAME ...]
+    python -m stages.export <out_dir> --run NAME CHECKPOINT DATA_DIR [--run ...]
+
+Every checkpoint is found before any work; the folder is built aside and replaces <out_dir>
+only when every model passed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from chipprune.atomic import write_json
+from chipprune.config import load_params
+from chipprune.data import load_prepared
+from chipprune.deploy import ort_runtime
+from chipprune.deploy.onnx_export import (
+    OPSET,
+    ExportError,
+    export_onnx,
+    normalisation_metadata,
+    parity,
+)
+from chipprune.models import create_model
+from chipprune.reporting import tracking
+from chipprune.surgery.rebuild import PRUNED_KWARGS
+from chipprune.training.checkpoint import load_checkpoint, model_from_checkpoint
+from chipprune.training.loop import DeviceData
+from stages._common import atomic_dir, parse_run_args, run_main, runs_from_args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_run_args(argv, "stages.export", __doc__, "export")
+
+    params = load_params(args.params)
+    cfg, lat = params.export, params.evaluate.latency
+    runs = runs_from_args(args)
+    config = {"export": cfg.model_dump(), "latency": lat.model_dump(),
+              "runs": {r.name: str(r.checkpoint) for r in runs}}
+    import onnxruntime
+
+    with atomic_dir(args.out_dir) as tmp, tempfile.TemporaryDirectory() as scratch, \
+            tracking.stage_run("export", config, tmp / "mlflow_run.json") as stage:
+        import mlflow
+
+        tests: dict[Path, tuple[DeviceData, dict[str, Any]]] = {}  # one load per dataset
+        dense_sessions: dict[str, Any] = {}  # dense architecture -> its ORT session
+        for r in runs:
+            if r.data_dir not in tests:
+                data = load_prepared(r.data_dir, splits=("test",))
+                tests[r.data_dir] = (DeviceData.from_split(data.splits["test"], data.meta, "cpu"),
+                                     data.meta)
+            test, meta = tests[r.data_dir]
+            shape = tuple(meta["image_shape"])
+            ckpt = load_checkpoint(r.checkpoint)
+            model = model_from_checkpoint(ckpt, r.checkpoint).float().eval()
+            folder = tmp / r.name
+            folder.mkdir()
+            t0 = time.perf_counter()
+            export_onnx(model, shape, folder / "model.onnx", {
+                **normalisation_metadata(meta["mean"], meta["std"]),
+                "chipprune.run": r.name, "chipprune.model": ckpt["model_name"]})
+            export_seconds = time.perf_counter() - t0
+            session = ort_runtime.session(folder / "model.onnx", cfg.device)
+            check = parity(model, session, test.normalise(test.images[: cfg.parity_images]))
+            if not check.within(cfg.tolerance):
+                raise ExportError(
+                    f"{r.name}: ONNX Runtime's logits differ from PyTorch's by up to "
+                    f"{check.max_abs_diff:.3g} (largest |logit| {check.max_abs_logit:.3g}) on "
+                    f"{check.images} test images; export.tolerance allows "
+                    f"{cfg.tolerance:g} x max(1, largest |logit|)")
+            # the dense architecture (its weights do not change its time), exported once
+            dense_kwargs = {k: v for k, v in ckpt["model_kwargs"].items()
+                            if k not in PRUNED_KWARGS}
+            pruned = any(k in ckpt["model_kwargs"] for k in PRUNED_KWARGS)
+            reference = None
+            if pruned and lat.dense_reference:  # as evaluate; else the report divides rows
+                key = json.dumps([ckpt["model_name"], dense_kwargs, shape], sort_keys=True)
+                if key not in dense_sessions:
+                    path = Path(scratch) / f"dense-{len(dense_sessions)}.onnx"
+                    export_onnx(create_model(ckpt["model_name"], **dense_kwargs), shape, path)
+                    dense_sessions[key] = ort_runtime.session(path, cfg.device)
+                reference = dense_sessions[key]
+            latency = ort_runtime.latency_metrics(session, shape, lat.batch_sizes, lat.warmup,
+                                                  lat.repeats, reference, lat.rounds)
+            if not pruned:
+                latency |= {f"ort_speedup_bs{bs}": 1.0 for bs in lat.batch_sizes}
+            record = {
+                "run": r.name, "onnx": "model.onnx", "opset": OPSET,
+                "onnx_bytes": (folder / "model.onnx").stat().st_size,
+                "export_seconds": export_seconds,
+                "parity_images": check.images, "onnx_max_abs_diff": check.max_abs_diff,
+                "onnx_max_abs_logit": check.max_abs_logit,
+                "onnx_top1_agreement": check.top1_agreement,
+                **latency,
+                "ort_device": cfg.device, "ort_providers": session.get_providers(),
+                "onnxruntime": onnxruntime.__version__, "checkpoint": str(r.checkpoint),
+            }
+            write_json(folder / "export.json", record)
+            tags = {"chipprune.exported": r.name,
+                    "input.checkpoint.sha256": tracking.file_sha256(r.checkpoint)}
+            with mlflow.start_run(run_name=f"export@{r.name}", nested=True, tags=tags,
+                                  experiment_id=stage.info.experiment_id):
+                mlflow.log_metrics({k: float(v) for k, v in record.items()
+                                    if isinstance(v, int | float) and not isinstance(v, bool)})
+                mlflow.log_artifact(str(folder / "model.onnx"))
+                mlflow.log_artifact(str(folder / "export.json"))
+            speed = max(lat.batch_sizes)
+            print(f"export@{r.name}: max |diff| {check.max_abs_diff:.2e}, top-1 agreement "
+                  f"{check.top1_agreement:.4f}, ONNX Runtime bs{speed} "
+                  f"{latency[f'ort_latency_ms_bs{speed}']:.2f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,165 @@
+"""ONNX export and ONNX Runtime: parity of pruned models (option-A channel maps, channel
+selections, removed branches), the dynamic batch, the tolerance rule, latency records, the
+export stage's outputs and its refusals."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from chipprune.data import prepare_dataset, save_prepared
+from chipprune.deploy import ort_runtime
+from chipprune.deploy.onnx_export import (
+    ExportError,
+    Parity,
+    export_onnx,
+    normalisation_metadata,
+    parity,
+)
+from chipprune.models import create_model
+from chipprune.models.preresnet import PreResNet
+from chipprune.reporting.report import build_table
+from chipprune.training.checkpoint import make_checkpoint, save_checkpoint
+from stages import export as export_stage
+from stages._common import run_main
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("case", ["resnet20-A", "preresnet11-selections"])
+def test_pruned_models_export_with_parity_at_any_batch(tmp_path, case):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if case == "resnet20-A":  # option-A channel maps over kept ORIGINAL indices
+        dense = create_model("resnet20", num_classes=10, in_channels=1)
+        kept = {k: sorted(torch.randperm(w, generator=g)[: max(1, w // 3)].tolist())
+                for k, w in dense.describe().widths().items()}
+        model = create_model("resnet20", num_classes=10, in_channels=1, kept=kept)
+    else:  # the authors' PreResNet: selections in front of bn1, one branch removed
+        dense = PreResNet(11, num_classes=10, in_channels=1)
+        kept = {k: sorted(torch.randperm(w, generator=g)[: max(1, w // 2)].tolist())
+                for k, w in dense.describe().widths().items()}
+        kept["layer2.0.select"] = []
+        model = PreResNet(11, num_classes=10, in_channels=1, kept=kept)
+    model.eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, (1, 16, 16), path, normalisation_metadata([0.5], [0.25]))
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["normalise_mean"]) == [0.5] and json.loads(meta["normalise_std"]) == [0.25]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch is symbolic
+    sess = ort_runtime.session(path)
+    for n in (1, 7):  # neither is the export example's 2
+        check = parity(model, sess, torch.randn(n, 1, 16, 16))
+        assert check.images == n and check.top1_agreement == 1.0
+        assert check.within(1e-4), check
+
+
+def test_tolerance_is_absolute_for_small_logits_and_relative_for_large():
+    assert Parity(8, 1e-4, 0.5, 1.0).within(1e-4)
+    assert not Parity(8, 1.1e-4, 0.5, 1.0).within(1e-4)
+    assert Parity(8, 1e-2, 100.0, 1.0).within(1e-4)  # 1e-4 x 100
+    assert not Parity(8, 1.1e-2, 100.0, 1.0).within(1e-4)
+
+
+def test_unexportable_model_is_an_export_error_naming_the_failure(tmp_path):
+    class DataDependent(nn.Module):  # control flow on values: torch.export refuses it
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x - 1
+
+    with pytest.raises(ExportError, match="ONNX export of DataDependent failed: .+"):
+        export_onnx(DataDependent(), (1, 4, 4), tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_latency_records_and_speedup_against_the_reference(tmp_path):
+    small = create_model("resnet20", num_classes=10, in_channels=1, widths={"conv1": 8})
+    dense = create_model("resnet20", num_classes=10, in_channels=1)
+    for name, m in (("small", small), ("dense", dense)):
+        export_onnx(m, (1, 8, 8), tmp_path / f"{name}.onnx")
+    s, ref = (ort_runtime.session(tmp_path / f"{n}.onnx") for n in ("small", "dense"))
+    out = ort_runtime.latency_metrics(s, (1, 8, 8), [1, 4], warmup=1, repeats=2,
+                                      reference=ref, rounds=2)
+    assert set(out) == {f"ort_{k}_bs{n}" for k in ("latency_ms", "dense_latency_ms", "speedup")
+                        for n in (1, 4)}
+    for n in (1, 4):
+        assert out[f"ort_speedup_bs{n}"] == out[f"ort_dense_latency_ms_bs{n}"] / out[
+            f"ort_latency_ms_bs{n}"]
+    assert set(ort_runtime.latency_metrics(s, (1, 8, 8), [2], 0, 1)) == {"ort_latency_ms_bs2"}
+
+
+def test_report_ort_speedup_is_against_the_dense_row():
+    base = {"dataset": "d", "model": "m", "params_fraction": 1.0, "macs_fraction": 1.0,
+            "test_top1": 0.9, "latency_ms_bs4": 2.0}
+    records = [
+        {**base, "method": "dense", "ort_latency_ms_bs4": 3.0, "onnx_max_abs_diff": 1e-6},
+        {**base, "method": "chip", "budget": {"type": "flops", "target": 0.5},
+         "macs_fraction": 0.5, "ort_latency_ms_bs4": 2.0, "onnx_max_abs_diff": 2e-6},
+    ]
+    df = build_table(records).set_index("method")
+    assert df.loc["chip", "ort_speedup"] == 1.5 and df.loc["dense", "ort_speedup"] == 1.0
+    assert df.loc["chip", "ort_latency_ms"] == 2.0 and df.loc["chip", "onnx_max_abs_diff"] == 2e-6
+    without = build_table([{k: v for k, v in r.items() if not k.startswith(("ort", "onnx"))}
+                           for r in records])
+    assert without["ort_speedup"].isna().all()  # no export stage: empty, not an error
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export-stage")
+    save_prepared(prepare_dataset("digits", image_size=16), root / "data")
+    torch.manual_seed(0)
+    kw = {"num_classes": 10, "in_channels": 1, "shortcut": "A"}
+    dense = create_model("resnet20", **kw)
+    save_checkpoint(make_checkpoint(dense, "resnet20", kw), root / "dense.pt")
+    pkw = {**kw, "widths": {"layer1.0.conv1": 5, "layer2": 17}}
+    save_checkpoint(make_checkpoint(create_model("resnet20", **pkw), "resnet20", pkw),
+                    root / "pruned.pt")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["evaluate"]["latency"] = {"batch_sizes": [1, 4], "warmup": 1, "repeats": 2,
+                                     "rounds": 1, "dense_reference": True}
+    params["export"]["parity_images"] = 32
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def test_export_stage_writes_onnx_parity_and_latency(stage_inputs, tmp_path, mlflow_store):
+    root = stage_inputs
+    out = tmp_path / "export"
+    rc = run_main(export_stage.main, [str(out), "--params", str(root / "params.yaml"),
+                                      "--run", "dense", str(root / "dense.pt"), str(root / "data"),
+                                      "--run", "pruned", str(root / "pruned.pt"), str(root / "data")])
+    assert rc == 0
+    for name in ("dense", "pruned"):
+        rec = json.loads((out / name / "export.json").read_text())
+        assert rec["parity_images"] == 32 and rec["onnx_top1_agreement"] == 1.0
+        assert rec["onnx_max_abs_diff"] <= 1e-4 * max(1.0, rec["onnx_max_abs_logit"])
+        assert rec["onnx_bytes"] == (out / name / "model.onnx").stat().st_size
+        onnx.checker.check_model(onnx.load(str(out / name / "model.onnx")))
+    dense = json.loads((out / "dense/export.json").read_text())
+    pruned = json.loads((out / "pruned/export.json").read_text())
+    assert dense["ort_speedup_bs4"] == 1.0 and "ort_dense_latency_ms_bs4" not in dense
+    assert pruned["ort_speedup_bs4"] == pruned["ort_dense_latency_ms_bs4"] / pruned[
+        "ort_latency_ms_bs4"]
+    assert (out / "mlflow_run.json").is_file()
+
+
+def test_export_stage_fails_over_the_tolerance_naming_the_run(stage_inputs, tmp_path, capsys,
+                                                              mlflow_store):
+    root = stage_inputs
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["export"]["tolerance"] = 1e-15  # float32 cannot meet it
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "export"
+    rc = run_main(export_stage.main, [str(out), "--params", str(tmp_path / "params.yaml"),
+                                      "--run", "pruned", str(root / "pruned.pt"), str(root / "data")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "pruned: ONNX Runtime's logits differ from PyTorch's by up to" in err
+    assert "export.tolerance allows 1e-15" in err
+    assert not out.exists()  # nothing half-written
