@@ -1,5 +1,6 @@
 """The comparison table from MLflow alone: every evaluate run of an experiment (or of a sweep
-nested under it), the same table `stages.report` builds from the metrics files.
+nested under it), with its model's export run where there is one (ONNX Runtime columns),
+the same table `stages.report` builds from the metrics and export files.
 
     python -m pipelines.compare --experiment chipprune [--all] [--csv table.csv]
 
@@ -18,6 +19,8 @@ from chipprune.reporting import tracking
 from chipprune.reporting.records import RECORD_TAGS, TAG_PREFIX, record_from_run
 from chipprune.reporting.report import build_table, to_markdown
 
+CHECKPOINT_TAG = "input.checkpoint.sha256"  # evaluate@ and export@ runs both carry it
+
 
 def evaluate_records(experiment: str, latest_only: bool = True) -> list[dict]:
     """One build_table record per evaluate run of `experiment`, newest first."""
@@ -35,6 +38,7 @@ def evaluate_records(experiment: str, latest_only: bool = True) -> list[dict]:
         order_by=["attributes.start_time DESC"],
         output_format="list",
     )
+    exported = _export_metrics(experiment)
     records, seen = [], set()
     for run in runs:
         tags = run.data.tags
@@ -42,8 +46,29 @@ def evaluate_records(experiment: str, latest_only: bool = True) -> list[dict]:
         if latest_only and key in seen:
             continue
         seen.add(key)
-        records.append(record_from_run(tags, dict(run.data.metrics), source=run.info.run_id))
+        # the export of this very checkpoint (the same file hash), not of a namesake
+        metrics = dict(run.data.metrics) | exported.get(tags.get(CHECKPOINT_TAG), {})
+        records.append(record_from_run(tags, metrics, source=run.info.run_id))
     return records
+
+
+def _export_metrics(experiment: str) -> dict[str, dict[str, float]]:
+    """Checkpoint sha256 -> the ONNX and ONNX Runtime metrics of its newest export run (the
+    export stage's `export@<name>` runs, tagged `chipprune.exported` and with the file hash
+    of the checkpoint they exported, as evaluate's runs are)."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        experiment_names=[experiment],
+        filter_string=f"tags.`{TAG_PREFIX}exported` != '' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    out: dict[str, dict[str, float]] = {}
+    for run in runs:
+        out.setdefault(run.data.tags.get(CHECKPOINT_TAG), {k: v for k, v in run.data.metrics.items()
+                              if k.startswith(("ort_", "onnx_"))})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
