@@ -77,12 +77,6 @@ def forward(module: str, args: list[str], path: str) -> int | None:
         return None
     request = json.dumps({"module": module, "args": args, "cwd": os.getcwd(),
                           "env": dict(os.environ)}).encode()
-    try:
-        socket.send_fds(sock, [HEADER.pack(len(request))], [0, 1, 2])
-        sock.sendall(request)
-    except OSError:
-        sock.close()
-        return None
 
     def relay(signum, _frame):
         try:
@@ -90,8 +84,22 @@ def forward(module: str, args: list[str], path: str) -> int | None:
         except OSError:
             pass
 
-    for s in RELAYED:
-        signal.signal(s, relay)
+    # Once the request is out the run may start at once, so a signal can come before this
+    # process would otherwise have its relay in place (and kill it, leaving the run). Hold
+    # the signals until the request is sent and the relay installed: one that came in the
+    # meantime is delivered, and relayed, on unblocking (never written into the request).
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED)
+    try:
+        try:
+            socket.send_fds(sock, [HEADER.pack(len(request))], [0, 1, 2])
+            sock.sendall(request)
+        except OSError:
+            sock.close()
+            return None
+        for s in RELAYED:
+            signal.signal(s, relay)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     buf = bytearray()
     while True:
         line = _read_line(sock, buf)
