@@ -37,12 +37,12 @@ def main() -> None:
     ap.add_argument("--chip-combine", nargs="+", default=None, choices=["sum", "normalised"])
     ap.add_argument("--params", default="params.yaml", help="the base params file")
     args = ap.parse_args()
-    methods = []  # (label, method, chip combine or None)
+    methods = []  # (label, its file-name form, method, chip combine or None)
     for m in args.methods:
         if m == "chip" and args.chip_combine:
-            methods += [(f"chip:{c}", m, c) for c in args.chip_combine]
+            methods += [(f"chip:{c}", f"chip-{c}", m, c) for c in args.chip_combine]
         else:
-            methods.append((m, m, None))
+            methods.append((m, m, m, None))
 
     work = Path(tempfile.mkdtemp(prefix="chipprune-seeds-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
@@ -60,15 +60,15 @@ def main() -> None:
         params["transfer"]["pairs"] = {}
         point = f"{args.dataset}-{args.model}"
         masks_root = {}  # label -> folder of <budget>-<dataset>-<model>/ mask folders
-        for label, method, combine in methods:
+        for label, slug, method, combine in methods:
             if combine is not None:
                 params["chip"]["combine"] = combine
-            pfile = work / f"params-{seed}-{label.replace(':', '-')}.yaml"
+            pfile = work / f"params-{seed}-{slug}.yaml"
             pfile.write_text(yaml.safe_dump(params))
             p = ["--params", str(pfile)]
-            masks_root[label] = work / f"{label.replace(':', '-')}-{seed}"
+            masks_root[label] = work / f"{slug}-{seed}"
             if method == "chip":
-                scores = work / f"scores-{seed}-{label.replace(':', '-')}"
+                scores = work / f"scores-{seed}-{slug}"
                 score_channels.main([args.dataset, args.model, dense, data, str(scores / point), *p])
                 select_channels.main([str(scores), "runs/dense", "data/prepared",
                                       str(masks_root[label]), *p])
@@ -76,11 +76,11 @@ def main() -> None:
                 baseline_masks.main([method, "runs/dense", "data/prepared", str(masks_root[label]),
                                      *p])
         for budget in args.budgets:
-            for label, method, _ in methods:
+            for label, slug, method, _ in methods:
                 masks = masks_root[label] / f"{budget}-{point}"
                 if method == "chipnet":
                     learn_masks.main([args.dataset, args.model, budget, data, dense, str(masks), *p])
-                tuned = work / f"ft-{label.replace(':', '-')}-{budget}-{seed}"
+                tuned = work / f"ft-{slug}-{budget}-{seed}"
                 finetune.main([str(masks), dense, data, str(tuned), *p])
                 evaluate.main([str(tuned / "eval"), "--run", "tuned", str(tuned / "checkpoint.pt"),
                                data, *p])

@@ -16,10 +16,14 @@ import sys
 
 from chipprune.atomic import atomic_path
 from chipprune.reporting import tracking
-from chipprune.reporting.records import RECORD_TAGS, TAG_PREFIX, record_from_run
+from chipprune.reporting.records import (
+    CHECKPOINT_TAG,
+    RECORD_TAGS,
+    TAG_PREFIX,
+    export_fields,
+    record_from_run,
+)
 from chipprune.reporting.report import build_table, to_markdown
-
-CHECKPOINT_TAG = "input.checkpoint.sha256"  # evaluate@ and export@ runs both carry it
 
 
 def evaluate_records(experiment: str, latest_only: bool = True) -> list[dict]:
@@ -66,8 +70,7 @@ def _export_metrics(experiment: str) -> dict[str, dict[str, float]]:
     )
     out: dict[str, dict[str, float]] = {}
     for run in runs:
-        out.setdefault(run.data.tags.get(CHECKPOINT_TAG), {k: v for k, v in run.data.metrics.items()
-                              if k.startswith(("ort_", "onnx_"))})
+        out.setdefault(run.data.tags.get(CHECKPOINT_TAG), export_fields(run.data.metrics))
     return out
 
 

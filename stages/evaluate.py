@@ -27,7 +27,7 @@ from chipprune.config import EvaluateConfig, load_params
 from chipprune.data import load_prepared
 from chipprune.models import create_model
 from chipprune.reporting import tracking
-from chipprune.reporting.records import run_tags
+from chipprune.reporting.records import CHECKPOINT_TAG, run_tags
 from chipprune.training.checkpoint import load_checkpoint, model_from_checkpoint
 from chipprune.training.loop import DeviceData, evaluate, resolve_device
 from stages._common import EvaluatedRun, atomic_dir, parse_run_args, run_main, runs_from_args
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                 tests[r.data_dir] = (DeviceData.from_split(data.splits["test"], data.meta, device),
                                      data.meta)
             tags = {"chipprune.evaluated": r.name,  # a model, not a stage: no chipprune.stage
-                    "input.checkpoint.sha256": tracking.file_sha256(r.checkpoint)}
+                    CHECKPOINT_TAG: tracking.file_sha256(r.checkpoint)}
             with mlflow.start_run(run_name=f"evaluate@{r.name}", nested=True, tags=tags,
                                   experiment_id=stage.info.experiment_id):
                 report = evaluate_checkpoint(r, *tests[r.data_dir], cfg, device)

@@ -36,6 +36,7 @@ from chipprune.deploy.onnx_export import (
 )
 from chipprune.models import create_model
 from chipprune.reporting import tracking
+from chipprune.reporting.records import CHECKPOINT_TAG
 from chipprune.surgery.rebuild import PRUNED_KWARGS
 from chipprune.training.checkpoint import load_checkpoint, model_from_checkpoint
 from chipprune.training.loop import DeviceData
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             }
             write_json(folder / "export.json", record)
             tags = {"chipprune.exported": r.name,
-                    "input.checkpoint.sha256": tracking.file_sha256(r.checkpoint)}
+                    CHECKPOINT_TAG: tracking.file_sha256(r.checkpoint)}
             with mlflow.start_run(run_name=f"export@{r.name}", nested=True, tags=tags,
                                   experiment_id=stage.info.experiment_id):
                 mlflow.log_metrics({k: float(v) for k, v in record.items()

@@ -26,6 +26,7 @@ from chipprune.atomic import atomic_path, write_json, write_text
 from chipprune.models import create_model
 from chipprune.reporting import tracking
 from chipprune.reporting.plots import kept_channels_figure, save_png
+from chipprune.reporting.records import export_fields
 from chipprune.reporting.report import (
     build_table,
     curves,
@@ -118,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         missing = sorted({f.parent.name for f in files} - set(exported))
         if missing:
             raise FileNotFoundError(f"no export.json under {args.export_dir} for {missing}")
-        records = [{**r, **{k: v for k, v in exported[f.parent.name].items()
-                            if k.startswith(("ort_", "onnx_"))}}
+        records = [{**r, **export_fields(exported[f.parent.name])}
                    for r, f in zip(records, files, strict=True)]
     df = build_table(records)
     table = terminal_table(df)

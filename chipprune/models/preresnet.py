@@ -51,8 +51,8 @@ class PreActBottleneck(nn.Module):
         reads = cin if selected is None else len(selected)
         self.has_branch = min(reads, *mids) > 0  # else removed (orphan removal): shortcut(x)
         if self.has_branch:
-            if selected is not None:
-                self.select = ChannelSelect(cin, selected)
+            # nn.Identity without a selection: one forward path, no attribute probing
+            self.select = nn.Identity() if selected is None else ChannelSelect(cin, selected)
             self.bn1 = nn.BatchNorm2d(reads)
             self.relu1 = nn.ReLU(inplace=True)
             self.conv1 = nn.Conv2d(reads, mids[0], 1, bias=False)
@@ -68,8 +68,7 @@ class PreActBottleneck(nn.Module):
         residual = x if self.downsample is None else self.downsample(x)
         if not self.has_branch:
             return residual
-        out = self.select(x) if hasattr(self, "select") else x
-        out = self.conv1(self.relu1(self.bn1(out)))
+        out = self.conv1(self.relu1(self.bn1(self.select(x))))
         out = self.conv2(self.relu2(self.bn2(out)))
         out = self.conv3(self.relu3(self.bn3(out)))
         return out + residual
@@ -138,6 +137,7 @@ class PreResNet(PrunableNet):
             self.add_module(stage, nn.Sequential(*blocks))
 
         selected = selection("select", cin, may_vanish=False)
+        self.select: nn.Module = nn.Identity()
         if selected is not None:  # the classifier's own choice of stream channels
             self.select = ChannelSelect(cin, selected)
             convs.append(PrunableConv("select", "bn", "select", None, "relu"))
@@ -157,9 +157,7 @@ class PreResNet(PrunableNet):
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv1(x)  # (N, 16, H, W)
         x = self.layer3(self.layer2(self.layer1(x)))  # (N, 256, H/4, W/4)
-        if hasattr(self, "select"):
-            x = self.select(x)  # (N, kept, H/4, W/4)
-        x = self.relu(self.bn(x))
+        x = self.relu(self.bn(self.select(x)))  # select: (N, kept, H/4, W/4)
         return self.fc(self.avgpool(x).flatten(1))
 
 

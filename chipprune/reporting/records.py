@@ -7,6 +7,16 @@ from __future__ import annotations
 # What an evaluate run records as MLflow tags, so the table can be rebuilt from MLflow alone
 TAG_PREFIX = "chipprune."
 RECORD_TAGS = ("method", "dataset", "model", "budget_type", "target", "teacher", "protocol")
+# The file hash of the checkpoint a per-model run (evaluate@, export@) looked at: it joins a
+# model's export figures to its evaluate record
+CHECKPOINT_TAG = "input.checkpoint.sha256"
+# The export stage's figures that join a run's row (ONNX parity, ONNX Runtime latency)
+EXPORT_FIELD_PREFIXES = ("ort_", "onnx_")
+
+
+def export_fields(exported: dict) -> dict:
+    """The fields of an export record (or export run's metrics) a report row takes."""
+    return {k: v for k, v in exported.items() if k.startswith(EXPORT_FIELD_PREFIXES)}
 
 
 def budget_label(budget: dict | None) -> str:
