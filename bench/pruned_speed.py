@@ -43,7 +43,7 @@ from chipprune.budgets.thresholding import keep_at_budget
 from chipprune.methods.baselines import l1_scores, random_scores
 from chipprune.models import create_model
 from chipprune.surgery.rebuild import prune_model
-from chipprune.training.checkpoint import load_checkpoint
+from chipprune.training.checkpoint import dense_kwargs, load_checkpoint
 from chipprune.training.loop import resolve_device
 
 PUBLISHED = {  # CHIP's ResNet-56 configurations (CIFAR-10), DESIGN.md section 5
@@ -107,7 +107,7 @@ def speed_rows(args, device, dtype):
     if not args.no_grid:
         for path in sorted(glob.glob("runs/finetune/*/checkpoint.pt")):
             ckpt = load_checkpoint(path)
-            kw = {k: v for k, v in ckpt["model_kwargs"].items() if k not in ("widths", "kept")}
+            kw = dense_kwargs(ckpt)
             widths = ckpt["model_kwargs"].get("widths")
             shape = tuple(ckpt.get("data_meta", {}).get("image_shape") or ())
             if widths and len(shape) == 3:

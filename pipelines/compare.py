@@ -3,18 +3,27 @@ nested under it), with its model's export run where there is one (ONNX Runtime c
 the same table `stages.report` builds from the metrics and export files.
 
     python -m pipelines.compare --experiment chipprune [--all] [--csv table.csv]
+    python -m pipelines.compare --experiment chipprune --promote flops-0.25 [--alias NAME]
 
 Runs are found with `mlflow.search_runs` by their `chipprune.stage` tag; by default the
 latest run of each configuration (method, dataset, model, budget, teacher, protocol) is kept,
 so re-running a stage replaces its row; `--all` keeps every run.
+
+`--promote TYPE-TARGET` points an alias (default `best-TYPE-TARGET`, the dot as `_`) of each
+registered model (one per dataset and architecture, see stages.export) at the version with
+the best test top-1 among the models pruned to a TYPE budget at or below TARGET, so a
+deployer loads `models:/digits-resnet20@best-flops-0_25`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from chipprune.atomic import atomic_path
+from chipprune.config import parse_budget_label
+from chipprune.deploy import registry
 from chipprune.reporting import tracking
 from chipprune.reporting.records import (
     CHECKPOINT_TAG,
@@ -52,8 +61,34 @@ def evaluate_records(experiment: str, latest_only: bool = True) -> list[dict]:
         seen.add(key)
         # the export of this very checkpoint (the same file hash), not of a namesake
         metrics = dict(run.data.metrics) | exported.get(tags.get(CHECKPOINT_TAG), {})
-        records.append(record_from_run(tags, metrics, source=run.info.run_id))
+        records.append(record_from_run(tags, metrics, source=run.info.run_id)
+                       | {CHECKPOINT_TAG: tags.get(CHECKPOINT_TAG)})
     return records
+
+
+def promote(records: list[dict[str, Any]], budget: str, alias: str) -> list[registry.Candidate]:
+    """Point `alias` of each registered model at its best version under `budget` (see
+    registry.best_under_budget); the versions are joined to the evaluate records by the
+    checkpoint's hash. Returns the promoted versions; ValueError when there are none."""
+    kind, target = parse_budget_label(budget)
+    candidates = []
+    for name in sorted({registry.registered_model_name(r["dataset"], r["model"]) for r in records}):
+        versions = registry.versions_by_checkpoint(name, CHECKPOINT_TAG)
+        for r in records:
+            b = r.get("budget") or {}
+            v = versions.get(r[CHECKPOINT_TAG])
+            if v is not None and b.get("target") is not None and \
+                    registry.registered_model_name(r["dataset"], r["model"]) == name:
+                candidates.append(registry.Candidate(name, v.version, r["test_top1"],
+                                                     r["macs_fraction"], b["type"], b["target"]))
+    best = registry.best_under_budget(candidates, kind, target)
+    if not best:
+        raise ValueError(f"no registered model version was pruned to a {kind} budget at or "
+                         f"below {target:g} (registered versions: {len(candidates)}); run the "
+                         "export stage after evaluate")
+    for c in best.values():
+        registry.set_alias(c.registered, alias, c.version)
+    return list(best.values())
 
 
 def _export_metrics(experiment: str) -> dict[str, dict[str, float]]:
@@ -83,16 +118,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", required=True, help="MLflow experiment name")
     ap.add_argument("--all", action="store_true", help="every run, not the latest per config")
     ap.add_argument("--csv", help="also write the table here (CSV)")
+    ap.add_argument("--promote", metavar="TYPE-TARGET",
+                    help="alias each registered model's best version under this budget")
+    ap.add_argument("--alias", help="the alias --promote sets (default best-TYPE-TARGET)")
     args = ap.parse_args(argv)
+    if args.alias and not args.promote:
+        ap.error("--alias goes with --promote")
     try:
+        if args.promote:
+            parse_budget_label(args.promote)  # bad input: before any MLflow call
+            alias = args.alias or registry.default_alias(args.promote)
+            registry.check_alias(alias)
         records = evaluate_records(args.experiment, latest_only=not args.all)
+        if not records:
+            raise ValueError(f"experiment {args.experiment!r} has no finished evaluate runs")
+        if args.promote:
+            for c in promote(records, args.promote, alias):
+                print(f"{c.registered}@{alias} -> version {c.version} (top-1 {c.top1:.4f}, "
+                      f"MACs fraction {c.macs_fraction:.3f}, {c.budget_type}-{c.target:g})")
+            return 0
     except (ValueError, tracking.TrackingUnreachable) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not records:
-        print(
-            f"error: experiment {args.experiment!r} has no finished evaluate runs", file=sys.stderr
-        )
         return 2
     df = build_table(records)
     if args.csv:

@@ -28,7 +28,12 @@ from chipprune.data import load_prepared
 from chipprune.models import create_model
 from chipprune.reporting import tracking
 from chipprune.reporting.records import CHECKPOINT_TAG, run_tags
-from chipprune.training.checkpoint import load_checkpoint, model_from_checkpoint
+from chipprune.training.checkpoint import (
+    dense_kwargs,
+    is_pruned,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from chipprune.training.loop import DeviceData, evaluate, resolve_device
 from stages._common import EvaluatedRun, atomic_dir, parse_run_args, run_main, runs_from_args
 
@@ -44,12 +49,11 @@ def evaluate_checkpoint(run: EvaluatedRun, test: DeviceData, meta: dict[str, Any
 
     acc = evaluate(model, test, cfg.batch_size)
     cost = measure_cost(model, shape)
-    dense_kwargs = {k: v for k, v in ckpt["model_kwargs"].items() if k not in ("widths", "kept")}
-    dense_model = create_model(ckpt["model_name"], **dense_kwargs)
+    dense_model = create_model(ckpt["model_name"], **dense_kwargs(ckpt))
     dense_cost = measure_cost(dense_model, shape)
     # both memory formats; latency_ms_bs<N> is the faster, speedup_bs<N> against the dense
     # architecture timed here too (a dense checkpoint is its own reference: 1.0)
-    pruned = bool(set(ckpt["model_kwargs"]) & {"widths", "kept"})
+    pruned = is_pruned(ckpt)
     reference = dense_model.to(device) if pruned and cfg.latency.dense_reference else None
     latency, formats = latency_metrics(model, shape, cfg.latency.batch_sizes, device,
                                        cfg.latency.warmup, cfg.latency.repeats, reference,
@@ -68,7 +72,7 @@ def evaluate_checkpoint(run: EvaluatedRun, test: DeviceData, meta: dict[str, Any
         "macs_fraction": cost.macs / dense_cost.macs,
         **latency,
         "model": ckpt["model_name"],
-        "model_kwargs": dense_kwargs,  # widths / kept live in the checkpoint
+        "model_kwargs": dense_kwargs(ckpt),  # widths / kept live in the checkpoint
         "method": masks.get("method", "dense"),
         "budget": masks.get("budget"),
         "teacher": masks.get("teacher"),

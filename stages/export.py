@@ -5,7 +5,9 @@ as an ONNX file with a dynamic batch dimension, checked against PyTorch on the f
 evaluate.latency's batch sizes and rounds (with `dense_reference`, interleaved with its dense
 architecture exported the same way: `ort_speedup_bs<N>`; else the report divides by the
 dense model's row) -> <out_dir>/<name>/model.onnx and export.json, one MLflow run per model
-(the ONNX file its artifact), nested under the stage's run.
+nested under the stage's run, the ONNX file logged there as an MLflow model (signature, input
+example) and registered in the Model Registry as a new version of `<dataset>-<architecture>`,
+tagged with the method, budget, fractions and the checkpoint's hash.
 
     python -m stages.export <out_dir> [--only NAME ...]
     python -m stages.export <out_dir> --run NAME CHECKPOINT DATA_DIR [--run ...]
@@ -24,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from chipprune.atomic import write_json
+from chipprune.budgets.counting import measure_cost
 from chipprune.config import load_params
 from chipprune.data import load_prepared
-from chipprune.deploy import ort_runtime
+from chipprune.deploy import ort_runtime, registry
 from chipprune.deploy.onnx_export import (
     OPSET,
     ExportError,
@@ -36,9 +39,13 @@ from chipprune.deploy.onnx_export import (
 )
 from chipprune.models import create_model
 from chipprune.reporting import tracking
-from chipprune.reporting.records import CHECKPOINT_TAG
-from chipprune.surgery.rebuild import PRUNED_KWARGS
-from chipprune.training.checkpoint import load_checkpoint, model_from_checkpoint
+from chipprune.reporting.records import CHECKPOINT_TAG, budget_label
+from chipprune.training.checkpoint import (
+    dense_kwargs,
+    is_pruned,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from chipprune.training.loop import DeviceData
 from stages._common import atomic_dir, parse_run_args, run_main, runs_from_args
 
@@ -84,15 +91,14 @@ def main(argv: list[str] | None = None) -> None:
                     f"{check.images} test images; export.tolerance allows "
                     f"{cfg.tolerance:g} x max(1, largest |logit|)")
             # the dense architecture (its weights do not change its time), exported once
-            dense_kwargs = {k: v for k, v in ckpt["model_kwargs"].items()
-                            if k not in PRUNED_KWARGS}
-            pruned = any(k in ckpt["model_kwargs"] for k in PRUNED_KWARGS)
+            dense = create_model(ckpt["model_name"], **dense_kwargs(ckpt)).eval()
+            pruned = is_pruned(ckpt)
             reference = None
             if pruned and lat.dense_reference:  # as evaluate; else the report divides rows
-                key = json.dumps([ckpt["model_name"], dense_kwargs, shape], sort_keys=True)
+                key = json.dumps([ckpt["model_name"], dense_kwargs(ckpt), shape], sort_keys=True)
                 if key not in dense_sessions:
                     path = Path(scratch) / f"dense-{len(dense_sessions)}.onnx"
-                    export_onnx(create_model(ckpt["model_name"], **dense_kwargs), shape, path)
+                    export_onnx(dense, shape, path)
                     dense_sessions[key] = ort_runtime.session(path, cfg.device)
                 reference = dense_sessions[key]
             latency = ort_runtime.latency_metrics(session, shape, lat.batch_sizes, lat.warmup,
@@ -110,19 +116,38 @@ def main(argv: list[str] | None = None) -> None:
                 "ort_device": cfg.device, "ort_providers": session.get_providers(),
                 "onnxruntime": onnxruntime.__version__, "checkpoint": str(r.checkpoint),
             }
-            write_json(folder / "export.json", record)
-            tags = {"chipprune.exported": r.name,
-                    CHECKPOINT_TAG: tracking.file_sha256(r.checkpoint)}
+            sha = tracking.file_sha256(r.checkpoint)
+            tags = {"chipprune.exported": r.name, CHECKPOINT_TAG: sha}
             with mlflow.start_run(run_name=f"export@{r.name}", nested=True, tags=tags,
                                   experiment_id=stage.info.experiment_id):
                 mlflow.log_metrics({k: float(v) for k, v in record.items()
                                     if isinstance(v, int | float) and not isinstance(v, bool)})
-                mlflow.log_artifact(str(folder / "model.onnx"))
+                name = registry.registered_model_name(meta["name"], ckpt["model_name"])
+                version = registry.log_registered_onnx(
+                    folder / "model.onnx", test.normalise(test.images[:2]).numpy(),
+                    int(meta["num_classes"]), name,
+                    {**version_tags(ckpt, model, dense, shape), "run": r.name, CHECKPOINT_TAG: sha},
+                    ort_runtime.providers_for(cfg.device))
+                record |= {"registered_model": name, "registered_version": version}
+                write_json(folder / "export.json", record)
                 mlflow.log_artifact(str(folder / "export.json"))
             speed = max(lat.batch_sizes)
             print(f"export@{r.name}: max |diff| {check.max_abs_diff:.2e}, top-1 agreement "
                   f"{check.top1_agreement:.4f}, ONNX Runtime bs{speed} "
-                  f"{latency[f'ort_latency_ms_bs{speed}']:.2f} ms", flush=True)
+                  f"{latency[f'ort_latency_ms_bs{speed}']:.2f} ms, registered "
+                  f"{name} v{version}", flush=True)
+
+
+def version_tags(ckpt: dict[str, Any], model, dense, shape: tuple[int, int, int]) -> dict:
+    """What a registered version is: method, budget (type and target), params and MACs
+    fractions of its dense architecture."""
+    masks = ckpt.get("masks", {})
+    budget = masks.get("budget") or {}
+    cost, dense_cost = measure_cost(model, shape), measure_cost(dense, shape)
+    return {"method": masks.get("method", "dense"), "budget_type": budget_label(budget),
+            "target": "" if budget.get("target") is None else budget["target"],
+            "params_fraction": cost.params / dense_cost.params,
+            "macs_fraction": cost.macs / dense_cost.macs}
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from chipprune.reporting.report import (
     terminal_table,
     to_markdown,
 )
-from chipprune.training.checkpoint import load_checkpoint
+from chipprune.training.checkpoint import dense_kwargs, load_checkpoint
 from stages._common import atomic_dir, run_main
 
 
@@ -43,8 +43,7 @@ def kept_per_layer(checkpoint: str) -> dict[str, int]:
     """Conv name -> kept channels, from the evaluated checkpoint's widths."""
     ckpt = load_checkpoint(checkpoint)
     widths = ckpt["model_kwargs"].get("widths", {})
-    dense_kwargs = {k: v for k, v in ckpt["model_kwargs"].items() if k not in ("widths", "kept")}
-    spec = create_model(ckpt["model_name"], **dense_kwargs).describe()
+    spec = create_model(ckpt["model_name"], **dense_kwargs(ckpt)).describe()
     removed = {  # convs of residual branches removed as a whole (orphan removal)
         conv for br in spec.branches if any(widths.get(g) == 0 for g in br.groups)
         for conv in br.convs

@@ -147,6 +147,36 @@ def test_export_stage_writes_onnx_parity_and_latency(stage_inputs, tmp_path, mlf
     assert pruned["ort_speedup_bs4"] == pruned["ort_dense_latency_ms_bs4"] / pruned[
         "ort_latency_ms_bs4"]
     assert (out / "mlflow_run.json").is_file()
+    # each export run's ONNX file is an MLflow model, registered: digits-resnet20 v1 and v2
+    import mlflow
+
+    from chipprune.budgets.counting import measure_cost
+    from chipprune.reporting.records import CHECKPOINT_TAG
+    from chipprune.reporting.tracking import file_sha256
+
+    client = mlflow.MlflowClient()
+    assert (dense["registered_model"], dense["registered_version"]) == ("digits-resnet20", "1")
+    assert (pruned["registered_model"], pruned["registered_version"]) == ("digits-resnet20", "2")
+    version = client.get_model_version("digits-resnet20", "2")
+    kw = {"num_classes": 10, "in_channels": 1, "shortcut": "A"}
+    cost = measure_cost(create_model("resnet20", **kw, widths={"layer1.0.conv1": 5, "layer2": 17}),
+                        (1, 16, 16))
+    dense_cost = measure_cost(create_model("resnet20", **kw), (1, 16, 16))
+    assert version.tags == {
+        "method": "dense", "budget_type": "", "target": "", "run": "pruned",
+        "params_fraction": str(cost.params / dense_cost.params),
+        "macs_fraction": str(cost.macs / dense_cost.macs),
+        CHECKPOINT_TAG: file_sha256(root / "pruned.pt")}
+    info = mlflow.models.get_model_info("models:/digits-resnet20/2")
+    assert info.signature.inputs.to_dict() == [
+        {"type": "tensor", "name": "images", "tensor-spec": {"dtype": "float32",
+                                                             "shape": (-1, 1, 16, 16)}}]
+    assert info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 10)
+    # the registered model predicts what the exported file does (ONNX Runtime, CPU provider)
+    loaded = mlflow.pyfunc.load_model("models:/digits-resnet20/2")
+    x = torch.randn(3, 1, 16, 16).numpy()
+    session = ort_runtime.session(out / "pruned/model.onnx")
+    assert (loaded.predict(x)["logits"] == session.run(None, {"images": x})[0]).all()
 
 
 def test_export_stage_fails_over_the_tolerance_naming_the_run(stage_inputs, tmp_path, capsys,
@@ -163,3 +193,30 @@ def test_export_stage_fails_over_the_tolerance_naming_the_run(stage_inputs, tmp_
     assert "pruned: ONNX Runtime's logits differ from PyTorch's by up to" in err
     assert "export.tolerance allows 1e-15" in err
     assert not out.exists()  # nothing half-written
+
+
+def test_best_version_under_a_budget_is_the_best_top1_at_or_below_the_target():
+    from chipprune.deploy.registry import Candidate, best_under_budget
+
+    def c(name, version, top1, macs, kind="flops", target=0.25):
+        return Candidate(name, str(version), top1, macs, kind, target)
+
+    cands = [c("d-r20", 1, 0.95, 0.26), c("d-r20", 2, 0.97, 0.13, target=0.125),  # tighter: in
+             c("d-r20", 3, 0.99, 0.50, target=0.5),  # looser budget: out
+             c("d-r20", 4, 0.99, 0.30, kind="params"),  # other type: out
+             c("d-r20", 5, 0.97, 0.12, target=0.125),  # ties 2 on top-1, fewer MACs: wins
+             c("e-r20", 1, 0.90, 0.25), c("e-r20", 2, 0.90, 0.25)]  # full tie: the newer
+    best = best_under_budget(cands, "flops", 0.25)
+    assert {k: v.version for k, v in best.items()} == {"d-r20": "5", "e-r20": "2"}
+    assert best_under_budget(cands, "flops", 0.1) == {}
+    assert best_under_budget(cands, "latency", 1.0) == {}
+
+
+def test_alias_names_are_checked_before_any_registry_call():
+    from chipprune.deploy.registry import check_alias, default_alias
+
+    assert default_alias("flops-0.25") == "best-flops-0_25"
+    check_alias(default_alias("latency-0.5"))
+    for bad in ("best.flops", "latest", "v3", "a b", ""):
+        with pytest.raises(ValueError, match="letters, digits"):
+            check_alias(bad)

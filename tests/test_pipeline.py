@@ -8,9 +8,11 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 
@@ -213,6 +215,89 @@ def test_compare_rebuilds_the_report_from_mlflow_alone(repo):
     bad = subprocess.run([sys.executable, "-m", "pipelines.compare", "--experiment", "nope"],
                          cwd=root, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "no MLflow experiment 'nope'" in bad.stderr
+
+
+def test_promote_aliases_the_best_version_under_a_budget_and_it_serves(repo):
+    """Every evaluated model was registered by the export stage; `pipelines.compare --promote`
+    aliases the best one under the budget; `mlflow models serve` of that alias answers with
+    the checkpoint's logits."""
+    root, env, _ = repo
+    exported = {p.parent.name: json.loads(p.read_text())
+                for p in (root / "runs/export").glob("*/export.json")}
+    evaluated = {p.parent.name: json.loads(p.read_text())
+                 for p in (root / "runs/evaluate").glob("*/metrics.json")}
+    assert exported.keys() == evaluated.keys()
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    names = {m.name for m in client.search_registered_models()}
+    assert names == {"digits-resnet20", "digits_even-resnet20"}
+    assert len(client.search_model_versions("name = 'digits-resnet20'")) == sum(
+        e["registered_model"] == "digits-resnet20" for e in exported.values())
+    # the expected winner, from the files: best top-1 at flops <= 0.5, then fewer MACs
+    under = [n for n, m in evaluated.items() if m["dataset"] == "digits" and m["budget"]
+             and m["budget"]["type"] == "flops" and m["budget"]["target"] <= 0.5]
+    assert len(under) == 3  # chipnet, chip, random at flops-0.5
+    win = max(under, key=lambda n: (evaluated[n]["test_top1"], -evaluated[n]["macs_fraction"],
+                                    int(exported[n]["registered_version"])))
+    out = _run([sys.executable, "-m", "pipelines.compare", "--experiment", "chipprune",
+                "--promote", "flops-0.5"], root, env)
+    assert f"digits-resnet20@best-flops-0_5 -> version {exported[win]['registered_version']}" \
+        in out.stdout
+    version = client.get_model_version_by_alias("digits-resnet20", "best-flops-0_5")
+    assert str(version.version) == exported[win]["registered_version"] and version.tags["run"] == win
+    # the transfer pair's student (chipnet masks at flops-0.5) is its dataset's only candidate
+    assert client.get_model_version_by_alias("digits_even-resnet20", "best-flops-0_5").tags[
+        "run"] == "transfer-to-even"
+    for argv, message in ((["--promote", "flops"], "expected TYPE-TARGET"),
+                          (["--promote", "flops-0.01"], "no registered model version was pruned"),
+                          (["--promote", "flops-0.5", "--alias", "v2"], "reserved")):
+        bad = subprocess.run([sys.executable, "-m", "pipelines.compare", "--experiment",
+                              "chipprune", *argv], cwd=root, env=env, capture_output=True,
+                             text=True)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+
+    # serve the alias on 127.0.0.1 and ask it for the first test images' logits
+    import urllib.request
+
+    import torch
+
+    from chipprune.data import load_prepared
+    from chipprune.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from chipprune.training.loop import DeviceData
+    from pipelines.mlflow_server import free_port
+    from pipelines.process_group import stop_group
+
+    data = load_prepared(root / "data/prepared/digits", splits=("test",))
+    images = DeviceData.from_split(data.splits["test"], data.meta, "cpu")
+    x = images.normalise(images.images[:16])
+    model = model_from_checkpoint(load_checkpoint(root / exported[win]["checkpoint"])).eval()
+    with torch.no_grad():
+        want = model(x).numpy()
+    port = free_port()
+    proc = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", "models:/digits-resnet20@best-flops-0_5",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, "mlflow models serve exited"
+            assert time.monotonic() < deadline, "mlflow models serve not up after 90 s"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", json.dumps({"inputs": x.tolist()}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            got = np.asarray(json.loads(r.read())["predictions"]["logits"], dtype=np.float32)
+    finally:
+        stop_group(proc, timeout=15)
+    assert got.shape == want.shape == (16, 10)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    assert (got.argmax(1) == want.argmax(1)).all()
 
 
 def test_transfer_refuses_masks_of_another_architecture(repo, tmp_path):

@@ -13,14 +13,18 @@ import numpy as np
 PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
+def providers_for(device: str) -> list[str]:
+    """The execution providers, in order of preference, for a deployment on `device`."""
+    return list(PROVIDERS if device == "cuda" else PROVIDERS[1:])
+
+
 def session(path: str | Path, device: str = "cpu"):
     """An InferenceSession on `device`: CUDA where asked and available, else the CPU."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    wanted = PROVIDERS if device == "cuda" else PROVIDERS[1:]
-    providers = [p for p in wanted if p in ort.get_available_providers()]
+    providers = [p for p in providers_for(device) if p in ort.get_available_providers()]
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
 

@@ -21,8 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from chipprune.models import ChannelSelect, PrunableNet, create_model
-
-PRUNED_KWARGS = ("widths", "kept")
+from chipprune.surgery.masks import PRUNED_KWARGS
 
 
 def _source_kept(model: PrunableNet, model_kwargs: Mapping[str, Any]) -> dict[str, list[int]]:

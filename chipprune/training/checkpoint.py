@@ -12,6 +12,7 @@ from torch import nn
 
 from chipprune import atomic
 from chipprune.models import create_model
+from chipprune.surgery.masks import PRUNED_KWARGS
 
 FORMAT = "chipprune.checkpoint/1"
 REQUIRED_KEYS = ("format", "model_name", "model_kwargs", "state_dict")
@@ -71,3 +72,13 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit {ckpt['model_name']}: {e}") from e
     return model
+
+
+def is_pruned(ckpt: dict[str, Any]) -> bool:
+    """Whether the checkpoint holds a pruned model (its kwargs carry widths or kept sets)."""
+    return any(k in ckpt["model_kwargs"] for k in PRUNED_KWARGS)
+
+
+def dense_kwargs(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The model kwargs of the checkpoint's dense architecture: the pruned widths dropped."""
+    return {k: v for k, v in ckpt["model_kwargs"].items() if k not in PRUNED_KWARGS}
