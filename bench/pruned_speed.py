@@ -2,7 +2,9 @@
 measurement. Prints two tables; never pass/fail.
 
     python bench/pruned_speed.py [--batch-sizes 1 256] [--rounds 3] [--repeats 3] [--device auto]
-                                 [--no-published] [--no-grid] [--no-check] [--check resnet56:3x32x32]
+                                 [--no-published] [--no-grid] [--no-check] [--no-ort]
+                                 [--check resnet56:3x32x32 vgg16_bn:3x32x32:64]
+                                 [--runtimes torch onnxruntime] [--calibration 4]
 
 1. Speed against MACs, per model: CHIP's published ResNet-56 configurations (DESIGN.md
    section 5; the ResNet-110 and VGG-16 rate strings are not documented in this repo, so they
@@ -11,11 +13,16 @@ measurement. Prints two tables; never pass/fail.
    multiple of 8 ("r8"; a removed branch stays removed). Columns: MACs ratio (pruned / dense),
    the measured speedup (dense / pruned, same memory format) at each batch size in NCHW and
    channels_last, and speedup / MACs reduction = best-format speedup x MACs ratio (1.0: the
-   hardware delivers the whole reduction).
-2. The latency budget, ChipNet-free: a latency table of the dense model on this device
-   (chipprune.budgets.latency_table, as the profile_latency stage builds it), random and L1 scores
-   thresholded at a latency budget of 0.5 (round_to 8), and the pruned model's predicted
-   latency against its measured one and against half of the dense model's. Goal: within 10%.
+   hardware delivers the whole reduction); with ONNX Runtime (not --no-ort) the same models
+   exported to ONNX and timed in it (CPU provider; CUDA on a GPU), dense and pruned
+   interleaved: `ort<N>` speedup and `oeff<N>`.
+2. The latency budget, ChipNet-free, per runtime (`--runtimes`): a latency table of the dense
+   model on this device in that runtime (as the profile_latency stage builds it, calibrated
+   on `--calibration` random whole models besides dense, quarter and three-quarter widths),
+   random and L1 scores thresholded at a latency budget of 0.5 (round_to 8), and the pruned
+   model's predicted latency against its measured one (same runtime) and against half of
+   the dense model's. Goal: within 10%. `model:CxHxW:STEP` sets the table's grid step
+   (default 8; VGG-16's 512-wide layers want 64 on a CPU: a 65x65 grid per layer is hours).
 
 Timing: models are rebuilt from their widths with random weights (time does not depend on
 them) on the device (CUDA: bf16 and channels_last/NCHW as measured; CPU: float32); every
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import glob
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +48,9 @@ from chipprune.budgets.latency import median_latency_ms
 from chipprune.budgets.latency_profile import TorchTimer, profile_model
 from chipprune.budgets.rates import rates_to_widths
 from chipprune.budgets.thresholding import keep_at_budget
+from chipprune.deploy import ort_runtime
+from chipprune.deploy.onnx_export import export_onnx
+from chipprune.deploy.ort_latency import OrtTimer
 from chipprune.methods.baselines import l1_scores, random_scores
 from chipprune.models import create_model
 from chipprune.surgery.rebuild import prune_model
@@ -94,6 +105,35 @@ class Bench:
         return self.best[(key, bs, fmt)]
 
 
+class OrtBench:
+    """The same discipline in ONNX Runtime: each model exported once (float32), every (model,
+    batch) once per round, the fastest round kept; a short pause before each timing lets the
+    previous session's threads stop spinning (chipprune.deploy.ort_latency.OrtTimer)."""
+
+    def __init__(self, device, repeats: int):
+        self.device, self.repeats = "cuda" if device.type == "cuda" else "cpu", repeats
+        self.scratch = tempfile.TemporaryDirectory(prefix="bench-ort-")
+        self.models: dict[str, tuple[object, tuple[int, int, int]]] = {}
+        self.best: dict[tuple, float] = {}
+
+    def add(self, key: str, model: torch.nn.Module, shape: tuple[int, int, int]) -> None:
+        path = Path(self.scratch.name) / f"{len(self.models)}.onnx"
+        export_onnx(model.float().cpu().eval(), shape, path)
+        self.models[key] = (ort_runtime.session(path, self.device), shape)
+
+    def run(self, batch_sizes, rounds: int) -> None:
+        for r in range(rounds):
+            for key, (sess, shape) in self.models.items():
+                for bs in batch_sizes:
+                    time.sleep(0.01)
+                    ms = ort_runtime.median_latency_ms(sess, shape, bs, 3 if r == 0 else 1,
+                                                       self.repeats)
+                    self.best[(key, bs)] = min(self.best.get((key, bs), math.inf), ms)
+
+    def ms(self, key: str, bs: int, fmt: str | None = None) -> float:
+        return self.best[(key, bs)]
+
+
 def speed_rows(args, device, dtype):
     """(label, model name, dense kwargs, input shape, widths) of every model to compare."""
     entries = []
@@ -121,11 +161,14 @@ def speed_table(args, device, dtype) -> None:
         print("no models to compare")
         return
     bench = Bench(device, dtype, args.repeats)
+    ort = None if args.no_ort else OrtBench(device, args.repeats)
     rows = []
     for label, name, kw, shape, widths in entries:
         dense_key = f"dense {name} {shape}"
         if dense_key not in bench.models:
             bench.add(dense_key, create_model(name, **kw), shape)
+            if ort:
+                ort.add(dense_key, create_model(name, **kw), shape)
         dense_widths = create_model(name, **kw).describe().widths()
         dense_macs = measure_cost(create_model(name, **kw), shape).macs
         for r8 in (False, True):
@@ -133,6 +176,8 @@ def speed_table(args, device, dtype) -> None:
             model = create_model(name, **kw, widths=w)
             key = f"{label} r8={r8}"
             bench.add(key, model, shape)
+            if ort:
+                ort.add(key, create_model(name, **kw, widths=w), shape)
             rows.append((label, r8, key, dense_key, measure_cost(model, shape).macs / dense_macs))
     print(
         f"timing {len(bench.models)} models x {len(args.batch_sizes)} batch sizes x 2 formats, "
@@ -141,14 +186,17 @@ def speed_table(args, device, dtype) -> None:
     )
     t0 = time.perf_counter()
     bench.run(args.batch_sizes, args.rounds)
+    if ort:
+        ort.run(args.batch_sizes, args.rounds)
     print(f"  {time.perf_counter() - t0:.0f}s\n")
 
     head = f"{'model':<44}{'r8':>4}{'MACs':>7}"
     for bs in args.batch_sizes:
         head += f"{f'bs{bs} nchw':>11}{f'bs{bs} cl':>10}{f'eff{bs}':>8}"
+        head += f"{f'ort{bs}':>8}{f'oeff{bs}':>8}" if ort else ""
     print(
         "speedup = dense / pruned in the same memory format; eff = best-format speedup x MACs"
-        " ratio (1.0: all of the MACs reduction delivered)"
+        " ratio (1.0: all of the MACs reduction delivered); ort / oeff: the same in ONNX Runtime"
     )
     print(head)
     for label, r8, key, dense_key, macs in rows:
@@ -157,6 +205,9 @@ def speed_table(args, device, dtype) -> None:
             s = {f: bench.ms(dense_key, bs, f) / bench.ms(key, bs, f) for f in FORMATS}
             eff = bench.ms(dense_key, bs) / bench.ms(key, bs) * macs
             line += f"{s['nchw']:>11.2f}{s['channels_last']:>10.2f}{eff:>8.2f}"
+            if ort:
+                o = ort.ms(dense_key, bs) / ort.ms(key, bs)
+                line += f"{o:>8.2f}{o * macs:>8.2f}"
         print(line)
     print("\ndense models, ms (nchw / channels_last):")
     for key in bench.models:
@@ -165,6 +216,7 @@ def speed_table(args, device, dtype) -> None:
                 f"  {key}: "
                 + ", ".join(
                     f"bs{bs} {bench.ms(key, bs, 'nchw'):.3f} / {bench.ms(key, bs, 'channels_last'):.3f}"
+                    + (f" / ORT {ort.ms(key, bs):.3f}" if ort else "")
                     for bs in args.batch_sizes
                 )
             )
@@ -176,61 +228,76 @@ def latency_check(args, device, dtype) -> None:
         f"{'model':<26}{'bs':>5}{'fmt':>6}{'scores':>8}{'MACs':>7}{'pred':>8}{'meas':>8}"
         f"{'err':>8}{'pred ms':>10}{'meas ms':>10}{'dense/2':>10}{'table s':>9}"
     )
-    for spec in args.check:
-        name, dims = spec.split(":")
-        shape = tuple(int(v) for v in dims.split("x"))
-        kw = {"num_classes": 10, "in_channels": shape[0]}
-        torch.manual_seed(0)
-        dense = create_model(name, **kw).eval()
+    for runtime in args.runtimes:
+        for spec in args.check:
+            check_model(args, device, dtype, runtime, spec)
 
-        def build(w, name=name, kw=kw):
-            return create_model(name, widths=w, **kw)
 
-        for bs in args.batch_sizes:
+def check_model(args, device, dtype, runtime: str, spec: str) -> None:
+    """One model's latency-budget check in `runtime` at every batch size (rows printed)."""
+    name, dims, *step = spec.split(":")
+    step = int(step[0]) if step else 8
+    shape = tuple(int(v) for v in dims.split("x"))
+    kw = {"num_classes": 10, "in_channels": shape[0]}
+    torch.manual_seed(0)
+    dense = create_model(name, **kw).eval()
+
+    def build(w, name=name, kw=kw):
+        return create_model(name, widths=w, **kw)
+
+    for bs in args.batch_sizes:
+        if runtime == "onnxruntime":
+            fmt = "ort"
+            timer = OrtTimer("cuda" if device.type == "cuda" else "cpu", 3, args.repeats)
+            bench = OrtBench(device, args.repeats)
+        else:
             probe = Bench(device, dtype, args.repeats)
             probe.add("dense", create_model(name, **kw), shape)
             probe.run([bs], 1, quiet=True)
             fmt = min(FORMATS, key=lambda f: probe.ms("dense", bs, f))
             timer = TorchTimer(device, fmt, warmup=3, repeats=args.repeats, dtype=dtype)
-            t0 = time.perf_counter()
-            table = profile_model(
-                dense,
-                shape,
-                bs,
-                step=8,
-                timer=timer,
-                rounds=args.rounds,
-                model_timer=timer.model_timer(build, shape, bs),
-            )
-            seconds = time.perf_counter() - t0
-            bm = BudgetModel.from_model(dense, shape, latency=table)
             bench = Bench(device, dtype, args.repeats)
-            bench.add("dense", create_model(name, **kw), shape)
-            results = []
-            for label, scores in (
-                ("random", random_scores(bm.dense_widths, 0)),
-                ("l1", l1_scores(dense)),
-            ):
-                r = keep_at_budget(scores, bm, "latency", 0.5, round_to=8)
-                kept = {g: k.nonzero().flatten().tolist() for g, k in r.keep.items()}
-                pruned, _ = prune_model(dense, name, kw, kept)
-                bench.add(label, pruned, shape)
-                macs = bm.fraction("flops", {g: len(v) for g, v in kept.items()})
-                results.append((label, r.achieved, macs))
-            bench.run([bs], args.rounds, quiet=True)
-            d = bench.ms("dense", bs, fmt)
-            for label, pred, macs in results:
-                m = bench.ms(label, bs, fmt)
-                print(
-                    f"{name + ' ' + dims:<26}{bs:>5}{'cl' if fmt == 'channels_last' else fmt:>6}"
-                    f"{label:>8}{macs:>7.3f}{pred:>8.3f}{m / d:>8.3f}{(m / d) / pred - 1:>+8.1%}"
-                    f"{pred * table.model_ms:>10.3f}{m:>10.3f}{d / 2:>10.3f}{seconds:>9.0f}"
-                )
-            check = table.meta["check"]
+        t0 = time.perf_counter()
+        table = profile_model(
+            dense,
+            shape,
+            bs,
+            step=step,
+            timer=timer,
+            rounds=args.rounds,
+            calibration=args.calibration,
+            model_timer=timer.model_timer(build, shape, bs),
+        )
+        seconds = time.perf_counter() - t0
+        bm = BudgetModel.from_model(dense, shape, latency=table)
+        bench.add("dense", create_model(name, **kw), shape)
+        results = []
+        for label, scores in (
+            ("random", random_scores(bm.dense_widths, 0)),
+            ("l1", l1_scores(dense)),
+        ):
+            r = keep_at_budget(scores, bm, "latency", 0.5, round_to=8)
+            kept = {g: k.nonzero().flatten().tolist() for g, k in r.keep.items()}
+            pruned, _ = prune_model(dense, name, kw, kept)
+            bench.add(label, pruned, shape)
+            macs = bm.fraction("flops", {g: len(v) for g, v in kept.items()})
+            results.append((label, r.achieved, macs))
+        bench.run([bs], args.rounds, **({} if runtime == "onnxruntime" else {"quiet": True}))
+        d = bench.ms("dense", bs, fmt)
+        for label, pred, macs in results:
+            m = bench.ms(label, bs, fmt)
             print(
-                f"{'':<26}table: dense {table.model_ms:.3f} ms, rest {table.rest_ms:.3f} ms, "
-                f"{table.meta['timings']} timings; its half-width check {check['error']:+.1%}"
+                f"{name + ' ' + dims:<26}{bs:>5}{'cl' if fmt == 'channels_last' else fmt:>6}"
+                f"{label:>8}{macs:>7.3f}{pred:>8.3f}{m / d:>8.3f}{(m / d) / pred - 1:>+8.1%}"
+                f"{pred * table.dense_predicted_ms:>10.3f}{m:>10.3f}{d / 2:>10.3f}"
+                f"{seconds:>9.0f}", flush=True,
             )
+        check = table.meta["check"]
+        print(
+            f"{'':<26}table ({runtime}): dense {table.model_ms:.3f} ms, rest "
+            f"{table.rest_ms:.3f} ms, scale {table.scale:.3f}, {table.meta['timings']} "
+            f"timings; its half-width check {check['error']:+.1%}", flush=True,
+        )
 
 
 def main() -> None:
@@ -242,11 +309,16 @@ def main() -> None:
     ap.add_argument("--no-published", action="store_true")
     ap.add_argument("--no-grid", action="store_true")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-ort", action="store_true", help="no ONNX Runtime columns")
+    ap.add_argument("--runtimes", nargs="+", default=["torch", "onnxruntime"],
+                    choices=["torch", "onnxruntime"], help="runtimes of the latency check")
+    ap.add_argument("--calibration", type=int, default=4,
+                    help="random whole models each table is fitted to (0: no fit)")
     ap.add_argument(
         "--check",
         nargs="+",
         default=["resnet20:1x16x16", "resnet56:3x32x32"],
-        help="model:CxHxW for the latency-budget check",
+        help="model:CxHxW[:STEP] for the latency-budget check",
     )
     args = ap.parse_args()
 

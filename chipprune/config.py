@@ -220,9 +220,11 @@ class LatencyBudgetConfig(Strict):
     grid of in/out widths (1, multiples of `step`, dense); chipprune.budgets.latency_table."""
 
     device: Literal["cpu", "cuda"] = "cpu"  # the target device (not where training runs)
+    # the runtime the model ships in: eager PyTorch, or ONNX Runtime (the export stage's)
+    runtime: Literal["torch", "onnxruntime"] = "torch"
     batch_size: int = Field(256, ge=1, le=65_536)
     step: int = Field(8, ge=1, le=1024)  # grid spacing; prune.round_to = step keeps widths on it
-    # auto: the format the dense model runs faster in on the device (measured)
+    # torch only; auto: the format the dense model runs faster in on the device (measured)
     memory_format: Literal["auto", "nchw", "channels_last"] = "auto"
     warmup: int = Field(3, ge=1)  # untimed forwards of each new module (its first is slow)
     repeats: int = Field(3, ge=1)  # forwards per timing (their median)
@@ -231,6 +233,9 @@ class LatencyBudgetConfig(Strict):
     # model at half the widths, misses its measured time by more than this fraction
     max_check_error: float = Field(0.1, gt=0)
     attempts: int = Field(3, ge=1)
+    # rest and scale fitted to whole models: the dense one, quarter and three-quarter widths
+    # and this many random-width ones (0: no fit, rest closes the dense model's gap)
+    calibration: int = Field(4, ge=0)
 
 
 class DenseGrid(Strict):

@@ -133,7 +133,7 @@ def grid_points(params: Any, dense_root: str | Path, data_root: str | Path,
         model = model_from_checkpoint(dense, ckpt)
         shape = tuple(load_prepared(Path(data_root) / dataset, splits=()).meta["image_shape"])
         for label, kind, target in budgets:
-            path = table_path(lb.device, lb.batch_size, dataset, model_name, latency_root)
+            path = table_path(lb.runtime, lb.device, lb.batch_size, dataset, model_name, latency_root)
             table = table_for_budget(kind, path, lb, dataset, model_name)
             points.append(GridPoint(f"{label}-{dataset}-{model_name}", dataset, model_name, dense,
                                     model, BudgetModel.from_model(model, shape, latency=table),

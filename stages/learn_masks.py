@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument(a)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--latency-table", help="budget type latency: the profile_latency table "
-                    "(default: runs/latency/<device>-bs<batch>-<dataset>-<model>/table.json)")
+                    "(default: runs/latency/<runtime>-<device>-bs<batch>-<dataset>-<model>/table.json)")
     args = ap.parse_args(argv)
 
     params = load_params(args.params)

@@ -1,6 +1,8 @@
 """DVC stage `profile_latency`: the latency table of one architecture on the target device at
-the target batch size (params `latency_budget`), for the `latency` budget type -> table.json
-(per prunable conv, measured ms on a grid of in/out widths; chipprune.budgets.latency_table), MLflow.
+the target batch size in the target runtime (params `latency_budget`: eager PyTorch, or ONNX
+Runtime as the export stage runs the model), for the `latency` budget type -> table.json
+(per prunable conv, measured ms on a grid of in/out widths, rest and scale fitted to whole
+models; chipprune.budgets.latency_table), MLflow.
 
     python -m stages.profile_latency <dataset> <model> <data_dir> <out_dir>
 
@@ -10,12 +12,14 @@ stage that asks for it later gets that message; adding a latency budget re-runs 
 
 Only the architecture matters (the dataset gives the input shape and class count), so the
 table is built from params.yaml's `models.<model>`, not from a trained checkpoint, and is made
-once per model, device and batch size: runs/latency/<device>-bs<batch>-<dataset>-<model>/.
+once per model, runtime, device and batch size:
+runs/latency/<runtime>-<device>-bs<batch>-<dataset>-<model>/.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 import time
 from pathlib import Path
@@ -99,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
 
         t0 = time.perf_counter()
         fmt, by_format = cfg.memory_format, {}
-        if fmt == "auto":  # the format the dense model runs faster in, best of the rounds
+        if cfg.runtime == "onnxruntime":
+            fmt = "onnx"  # ONNX Runtime picks its own layout (blocked NCHWc on CPU)
+        elif fmt == "auto":  # the format the dense model runs faster in, best of the rounds
             probe = model.to(device)
             rounds = [
                 latency_by_format(probe, shape, cfg.batch_size, device, cfg.warmup, cfg.repeats)
@@ -109,7 +115,12 @@ def main(argv: list[str] | None = None) -> None:
             fmt = min(by_format, key=by_format.get)
 
         def attempt(number: int):
-            timer = TorchTimer(device, fmt, cfg.warmup, cfg.repeats)
+            if cfg.runtime == "onnxruntime":
+                from chipprune.deploy.ort_latency import OrtTimer
+
+                timer = OrtTimer(cfg.device, cfg.warmup, cfg.repeats)
+            else:
+                timer = TorchTimer(device, fmt, cfg.warmup, cfg.repeats)
             table = profile_model(
                 model,
                 shape,
@@ -118,8 +129,10 @@ def main(argv: list[str] | None = None) -> None:
                 timer=timer,
                 model_timer=timer.model_timer(build, shape, cfg.batch_size),
                 rounds=cfg.rounds,
+                calibration=cfg.calibration,
                 meta={
                     "model": args.model,
+                    "runtime": cfg.runtime,
                     "arch": m_cfg.arch,
                     "kwargs": m_cfg.kwargs,
                     "dataset": args.dataset,
@@ -129,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
                     "repeats": cfg.repeats,
                     "attempt": number,
                     **device_meta(device),
+                    **({"onnxruntime": importlib.metadata.version("onnxruntime")}
+                       if cfg.runtime == "onnxruntime" else {}),
                 },
             )
             print(f"{name}: attempt {number}, check error {table.meta['check']['error']:+.1%}",
@@ -143,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             {
                 "dense_ms": table.model_ms,
                 "rest_ms": table.rest_ms,
+                "scale": table.scale,
                 "check_error": check["error"],
                 "timings": table.meta["timings"],
                 "profile_seconds": seconds,
@@ -150,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         mlflow.log_artifact(str(out / "table.json"))
-    if abs(check["error"]) > cfg.max_check_error or table.rest_ms < -0.25 * table.model_ms:
+    if abs(check["error"]) > cfg.max_check_error or table.rest_ms < -0.25 * table.model_ms \
+            or table.scale == 0.0:
         print(
             f"warning: {name}: after {len(tables)} attempts the table misses its own check by "
             f"{check['error']:+.0%} (rest {table.rest_ms:.3f} ms of {table.model_ms:.3f}); "
@@ -161,8 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(
         f"{name}: {len(table.layers)} layers, {table.meta['timings']} timings x {cfg.rounds} "
-        f"rounds in {seconds:.1f}s on {device} ({fmt}, batch {cfg.batch_size}); dense "
-        f"{table.model_ms:.3f} ms, rest {table.rest_ms:.3f} ms; half-width model predicted "
+        f"rounds in {seconds:.1f}s on {device} ({cfg.runtime}, {fmt}, batch {cfg.batch_size}); "
+        f"dense {table.model_ms:.3f} ms, rest {table.rest_ms:.3f} ms, scale {table.scale:.3f}; "
+        "half-width model predicted "
         f"{check['predicted_ms']:.3f} ms, measured {check['measured_ms']:.3f} ms "
         f"({check['error']:+.1%})",
         flush=True,

@@ -16,10 +16,16 @@ import yaml
 
 from chipprune.budgets.exact import BudgetModel
 from chipprune.budgets.latency import latency_metrics
-from chipprune.budgets.latency_profile import check_widths, profile_model
+from chipprune.budgets.latency_profile import (
+    calibration_widths,
+    check_widths,
+    fit_rest_and_scale,
+    profile_model,
+)
 from chipprune.budgets.latency_table import (
     NOT_PROFILED,
     ConvOp,
+    LatencyTable,
     LatencyTableError,
     _layer_plan,
     load_table,
@@ -73,7 +79,7 @@ def expected_ms(model, widths: dict[str, float]) -> float:
     return REST_MS + layer_sum(model, widths)
 
 
-def profile(model, timer=bilinear_timer, model_timer=None, step=8):
+def profile(model, timer=bilinear_timer, model_timer=None, step=8, calibration=0):
     return profile_model(
         model,
         SHAPE,
@@ -81,6 +87,7 @@ def profile(model, timer=bilinear_timer, model_timer=None, step=8):
         step=step,
         timer=timer,
         model_timer=model_timer or (lambda w: expected_ms(model, w)),
+        calibration=calibration,
     )
 
 
@@ -137,6 +144,47 @@ def test_rest_and_the_half_width_check(resnet20):
     assert two.meta["check"]["error"] == pytest.approx(
         want / (3.0 + 2 * layer_sum(model, half)) - 1
     )
+
+
+def test_calibration_fits_rest_and_scale_to_whole_models_and_holds_out_the_check(resnet20):
+    """Whole models that cost 3 ms + 0.6 x their layers (layers timed alone overstate them):
+    the fit over dense, quarter, three-quarter and 4 random models recovers rest 3 and scale
+    0.6 exactly, so the held-out half-width model is predicted exactly; uncalibrated, the
+    same timings leave the check 20% off."""
+    model, _, _ = resnet20
+    dense = model.describe().widths()
+    timed = []
+
+    def whole(w):
+        timed.append(dict(w))
+        return 3.0 + 0.6 * layer_sum(model, w)
+
+    table = profile(model, model_timer=whole, calibration=4)
+    calib = calibration_widths(dense, 8, 4)
+    assert timed == [dense, check_widths(dense, 8), *calib]  # one round, in this order
+    assert len(calib) == 6 and calib[0]["layer3"] == 16 and calib[1]["layer3"] == 48
+    assert (table.rest_ms, table.scale) == (pytest.approx(3.0, rel=1e-9),
+                                            pytest.approx(0.6, rel=1e-12))
+    assert table.meta["calibration"]["models"] == 7
+    assert table.meta["calibration"]["max_fit_error"] == pytest.approx(0.0, abs=1e-12)
+    assert table.meta["check"]["error"] == pytest.approx(0.0, abs=1e-12)
+    assert table.dense_predicted_ms == pytest.approx(table.model_ms, rel=1e-12)
+    plain = profile(model, model_timer=whole)
+    half = check_widths(dense, 8)
+    want = 3.0 + 0.6 * layer_sum(model, dense) - layer_sum(model, dense) + layer_sum(model, half)
+    assert plain.meta["check"]["predicted_ms"] == pytest.approx(want, rel=1e-12)
+    # the scale survives the file
+    assert LatencyTable.from_dict(table.as_dict()).scale == table.scale
+
+
+def test_fit_rest_and_scale_is_least_squares_with_the_scale_held_at_zero_or_above():
+    assert fit_rest_and_scale([1.0, 2.0, 3.0], [5.0, 7.0, 9.0]) == (3.0, 2.0)
+    rest, scale = fit_rest_and_scale([1.0, 2.0, 3.0], [5.0, 8.0, 8.0])  # noisy: least squares
+    assert scale == pytest.approx(1.5) and rest == pytest.approx(7.0 - 1.5 * 2.0)
+    assert fit_rest_and_scale([1.0, 2.0, 3.0], [9.0, 7.0, 5.0]) == (7.0, 0.0)  # falls: flat
+    assert fit_rest_and_scale([2.0, 2.0], [4.0, 6.0]) == (5.0, 0.0)  # nothing to fit a slope on
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_rest_and_scale([1.0], [2.0])
 
 
 def test_dense_widths_predict_the_measured_model_and_fraction_one(resnet20):
@@ -361,7 +409,7 @@ def stage_env(tmp_path_factory):
 
 
 def test_profile_latency_stage_writes_a_table_the_budget_accepts(stage_env, mlflow_store, tmp_path):
-    out = tmp_path / "runs/latency/cpu-bs2-digits-resnet20"
+    out = tmp_path / "runs/latency/torch-cpu-bs2-digits-resnet20"
     rc = run_main(
         profile_latency.main,
         [
@@ -397,7 +445,7 @@ def test_profile_latency_stage_writes_a_table_the_budget_accepts(stage_env, mlfl
     # can get depends on the table's floor, i.e. on timings at batch 2: not asserted)
     assert budget["type"] == "latency" and budget["achieved"] >= 0.5
     assert budget["achieved"] == pytest.approx(bm.fraction("latency", widths), rel=1e-12)
-    assert budget["predicted_ms"] == pytest.approx(budget["achieved"] * table.model_ms)
+    assert budget["predicted_ms"] == pytest.approx(budget["achieved"] * table.dense_predicted_ms)
     assert budget["table"] == str(out / "table.json")
 
 
@@ -408,7 +456,7 @@ def test_without_a_latency_budget_the_table_says_it_was_not_profiled(
     params["prune"]["budgets"] = ["flops-0.25"]
     params["latency_budget"]["device"] = "cuda"  # not even checked: nothing is measured
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = tmp_path / "runs/latency/cuda-bs2-digits-resnet20"
+    out = tmp_path / "runs/latency/torch-cuda-bs2-digits-resnet20"
     rc = run_main(profile_latency.main, ["digits", "resnet20", str(stage_env / "data"), str(out),
                                          "--params", str(tmp_path / "params.yaml")])
     assert rc == 0 and sorted(p.name for p in out.iterdir()) == ["mlflow_run.json", "table.json"]
@@ -459,7 +507,7 @@ def test_a_latency_budget_without_its_table_exits_2_naming_it(
                   ["random", *args, str(out), "--params", str(tmp_path / "params.yaml")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
-    assert "runs/latency/cpu-bs2-digits-resnet20/table.json: no such latency table" in err[0]
+    assert "runs/latency/torch-cpu-bs2-digits-resnet20/table.json: no such latency table" in err[0]
     assert not out.exists()  # not even the flops-0.5 masks it could have made
 
 

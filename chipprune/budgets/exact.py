@@ -161,7 +161,7 @@ class BudgetModel:
         latency: predicted ms (`LatencyTable.predict_ms`), exact table sums at grid widths."""
         if kind == "latency" and self.latency is None:
             raise ValueError(
-                "budget type 'latency' needs a latency table (runs/latency/<device>-bs<batch>-"
+                "budget type 'latency' needs a latency table (runs/latency/<runtime>-<device>-bs<batch>-"
                 "<dataset>-<model>/table.json, made by the profile_latency stage), and this "
                 "budget model was built without one"
             )

@@ -10,7 +10,8 @@ fastest of interleaved rounds).
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Mapping
+import random
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +40,38 @@ def check_widths(dense: Mapping[str, int], step: int) -> dict[str, int]:
     return out
 
 
+def calibration_widths(dense: Mapping[str, int], step: int, n_random: int,
+                       seed: int = 0) -> list[dict[str, int]]:
+    """The whole models a table is calibrated on, besides the dense one: every group at the
+    grid point nearest a quarter and three quarters of its width, and `n_random` models of
+    independent random grid widths per group (seeded): uniform and uneven prunings alike,
+    all on the grid, none the half-width check model's widths by construction of the
+    fractions (a random draw may repeat them; it is rare and harmless)."""
+    def nearest(d: int, f: float) -> int:
+        return min((w for w in width_grid(d, step) if w > 0), key=lambda w: (abs(w - f * d), -w))
+
+    rng = random.Random(seed)
+    out = [{g: nearest(d, f) for g, d in dense.items()} for f in (0.25, 0.75)]
+    out += [{g: rng.choice([w for w in width_grid(d, step) if w > 0]) for g, d in dense.items()}
+            for _ in range(n_random)]
+    return out
+
+
+def fit_rest_and_scale(layer_sums: Sequence[float],
+                       measured: Sequence[float]) -> tuple[float, float]:
+    """Least squares of measured = rest + scale * layer_sum over whole models; scale held at
+    >= 0 (a time cannot fall as layers widen: at 0 the fit is the mean, and pruning is
+    predicted to buy nothing, which is then what the measurements say)."""
+    x = torch.tensor(layer_sums, dtype=torch.float64)
+    y = torch.tensor(measured, dtype=torch.float64)
+    if len(x) < 2:
+        raise ValueError(f"a calibration needs at least 2 whole models, got {len(x)}")
+    xc = x - x.mean()
+    var = float((xc * xc).sum())
+    scale = max(0.0, float((xc * (y - y.mean())).sum()) / var) if var > 0 else 0.0
+    return float(y.mean()) - scale * float(x.mean()), scale
+
+
 def profile_model(
     model: PrunableNet,
     input_size: tuple[int, int, int],
@@ -48,6 +81,7 @@ def profile_model(
     timer: Timer,
     model_timer: Callable[[Mapping[str, int]], float],
     rounds: int = 1,
+    calibration: int = 0,
     meta: Mapping[str, Any] | None = None,
 ) -> LatencyTable:
     """The table of a dense `model`: `timer(op, n_in, n_out, batch_size)` at every grid
@@ -55,9 +89,11 @@ def profile_model(
     at those group widths: the dense model (its time fixes `rest`) and the `check_widths`
     model, whose predicted and measured times go to `meta["check"]`.
 
-    (A two-point fit of rest and a scale on the layers' sum was tried and dropped: at batch
-    1 on CPU the halved model costs about what the dense one does -- per-module overhead --
-    and the fitted scale came out near 0.)
+    With `calibration` > 0 the `calibration_widths` models (quarter and three-quarter widths
+    plus `calibration` random ones) are timed too, and rest and scale are fitted to them and
+    the dense model (`fit_rest_and_scale`; `meta["calibration"]`); the half-width check stays
+    held out. With 0, scale is 1 and rest closes the dense model's gap exactly. (A fit on the
+    dense and half models alone was tried before: two points, one of them the check.)
 
     Each point and both models are timed once per round, in the same order every round,
     and the fastest round is kept (each round's figure is itself a median of repeats): load
@@ -82,12 +118,15 @@ def profile_model(
         }
     dense_w = spec.widths()
     half_w = check_widths(dense_w, step)
-    whole: dict[str, list[float]] = {"dense": [], "half": []}
+    calib = calibration_widths(dense_w, step, calibration) if calibration > 0 else []
+    whole: dict[str, list[float]] = {"dense": [], "half": [], **{i: [] for i in range(len(calib))}}
     for _ in range(rounds):
         whole["dense"].append(float(model_timer(dense_w)))
         for (op, a, b), times in points.items():
             times.append(float(timer(op, a, b, batch_size)))
         whole["half"].append(float(model_timer(half_w)))
+        for i, w in enumerate(calib):
+            whole[i].append(float(model_timer(w)))
     best = {k: min(v) for k, v in points.items()}
     layers = []
     for name, group, in_group, in_w, out_w, op, when in grids:
@@ -122,6 +161,21 @@ def profile_model(
         },
     )
     groups = list(dense_w)
+
+    def layer_sum(widths: Mapping[str, int]) -> float:  # the layers' part, unscaled
+        return float(table.predict_ms(torch.tensor([widths[g] for g in groups]), groups)
+                     ) - table.rest_ms
+
+    if calib:
+        sums = [layer_sum(dense_w), *(layer_sum(w) for w in calib)]
+        measured = [model_ms, *(min(whole[i]) for i in range(len(calib)))]
+        table.rest_ms, table.scale = fit_rest_and_scale(sums, measured)
+        fitted = [table.rest_ms + table.scale * x for x in sums]
+        table.meta["calibration"] = {
+            "models": len(sums), "random_models": calibration, "layer_sum_ms": sums,
+            "measured_ms": measured, "rest_ms": table.rest_ms, "scale": table.scale,
+            "max_fit_error": max(abs(f / m - 1.0) for f, m in zip(fitted, measured, strict=True)),
+        }
     predicted = float(table.predict_ms(torch.tensor([half_w[g] for g in groups]), groups))
     table.meta["check"] = {
         "widths": half_w,

@@ -22,15 +22,19 @@ branch is gone). Timings are made monotone (a running max along both axes), so a
 channel never makes the prediction faster and the budget thresholding stays a search on a
 monotone function.
 
-    predicted(w) = rest + sum_l alive_l(w) * T_l(w_in(l), w_out(l))
+    predicted(w) = rest + scale * sum_l alive_l(w) * T_l(w_in(l), w_out(l))
 
 T_l is the bilinear interpolation of layer l's table (linear extrapolation outside the
 grid, so soft widths below 1 keep a gradient); alive_l is the orphan-removal factor of the
 polynomial budgets (`budgets.Term.when`: 1 or 0 for integer widths, prod min(w, 1) for soft
-ones). `rest` = the whole dense model's measured time minus the sum of its layers' entries:
-what is not per layer, taken as constant. A second whole model, every width about halved,
-is timed too and the table's prediction for it recorded (`meta["check"]`): the table's own
-held-out error. The hard form (integer widths on the grid: `step` = `prune.round_to`) is an
+ones). Uncalibrated (scale 1), `rest` = the whole dense model's measured time minus the
+sum of its layers' entries: what is not per layer, taken as constant. Calibrated, `rest` and
+`scale` are fitted to whole models timed at several widths (least squares,
+`latency_profile.fit_rest_and_scale`): a layer timed alone pays what it does not pay inside
+the model (ONNX Runtime converts its input to a blocked layout and back, PyTorch's caches are
+cold), so the sum of the layers overstates every model, and by more the wider it is. A second
+whole model, every width about halved, is timed too and the table's prediction for it
+recorded (`meta["check"]`): the table's held-out error. The hard form (integer widths on the grid: `step` = `prune.round_to`) is an
 exact sum of table entries; the soft form is the same function of float tensors and equals
 it at grid widths; off the grid both interpolate.
 
@@ -206,10 +210,17 @@ class LatencyTable:
 
     layers: tuple[LayerTable, ...]
     model_ms: float  # measured, whole dense model
-    rest_ms: float  # model_ms - sum of the layers' dense entries
+    rest_ms: float  # uncalibrated: model_ms - sum of the layers' dense entries; else fitted
     meta: dict[str, Any] = field(default_factory=dict)
     source: str = field(default="latency table", compare=False)  # the file, for messages
     _compiled: dict = field(default_factory=dict, repr=False, compare=False)
+    scale: float = 1.0  # on the layers' sum; fitted to whole models when calibrated
+
+    @property
+    def dense_predicted_ms(self) -> float:
+        """The prediction at the dense widths (every layer at its last grid point, alive):
+        what latency fractions are fractions of. model_ms itself when uncalibrated."""
+        return self.rest_ms + self.scale * sum(lt.ms[-1][-1] for lt in self.layers)
 
     # -- the latency model -------------------------------------------------------------
     def _compile(self, groups: Sequence[str], device, dtype) -> tuple[torch.Tensor, ...]:
@@ -281,7 +292,7 @@ class LatencyTable:
         x, y = ext[in_slot] * in_scale, ext[out_slot] * out_scale  # (L,) each
         values = _bilinear(gi, go, tab, last_i, last_o, x, y)
         alive = ext.clamp(max=1.0)[when].prod(dim=1)
-        return self.rest_ms + (values * alive).sum()
+        return self.rest_ms + self.scale * (values * alive).sum()
 
     # -- checks and files ----------------------------------------------------------------
     def check_model(self, model: PrunableNet, input_size: tuple[int, int, int]) -> None:
@@ -317,7 +328,7 @@ class LatencyTable:
     def as_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT, "meta": self.meta, "model_ms": self.model_ms,
-            "rest_ms": self.rest_ms,
+            "rest_ms": self.rest_ms, "scale": self.scale,
             "layers": [{**{k: v for k, v in asdict(lt).items() if k != "op"},
                         "op": asdict(lt.op)} for lt in self.layers],
         }  # fmt: skip
@@ -355,9 +366,11 @@ class LatencyTable:
                 )
             if not layers:
                 raise ValueError("no layers")
-            return cls(
-                tuple(layers), float(d["model_ms"]), float(d["rest_ms"]), dict(d["meta"]), source
-            )
+            scale = float(d.get("scale", 1.0))  # tables made before calibration: 1
+            if not scale >= 0.0:
+                raise ValueError(f"scale {scale} is not >= 0")
+            return cls(tuple(layers), float(d["model_ms"]), float(d["rest_ms"]), dict(d["meta"]),
+                       source, scale=scale)
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise LatencyTableError(f"{source}: not a latency table ({e})") from None
 
@@ -389,11 +402,10 @@ def load_table(path: str | Path) -> LatencyTable:
 TABLE_ROOT = Path("runs") / "latency"
 
 
-def table_path(
-    device: str, batch_size: int, dataset: str, model: str, root: str | Path = TABLE_ROOT
-) -> Path:
-    """Where the profile_latency stage writes a table: keyed by device and batch size."""
-    return Path(root) / f"{device}-bs{batch_size}-{dataset}-{model}" / "table.json"
+def table_path(runtime: str, device: str, batch_size: int, dataset: str, model: str,
+               root: str | Path = TABLE_ROOT) -> Path:
+    """Where the profile_latency stage writes a table: keyed by runtime, device and batch."""
+    return Path(root) / f"{runtime}-{device}-bs{batch_size}-{dataset}-{model}" / "table.json"
 
 
 def table_for_budget(
@@ -404,7 +416,7 @@ def table_for_budget(
     params' `latency_budget`); for every other type None (no table is read)."""
     if kind != "latency":
         return None
-    return load_table(path or table_path(cfg.device, cfg.batch_size, dataset, model))
+    return load_table(path or table_path(cfg.runtime, cfg.device, cfg.batch_size, dataset, model))
 
 
 def latency_budget_doc(table: LatencyTable | None, achieved: float) -> dict[str, Any]:
@@ -414,7 +426,7 @@ def latency_budget_doc(table: LatencyTable | None, achieved: float) -> dict[str,
         return {}
     return {
         "table": table.source,
-        "predicted_ms": achieved * table.model_ms,
+        "predicted_ms": achieved * table.dense_predicted_ms,
         "device": table.meta.get("device"),
         "batch_size": table.meta.get("batch_size"),
     }

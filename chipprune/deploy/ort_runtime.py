@@ -18,14 +18,22 @@ def providers_for(device: str) -> list[str]:
     return list(PROVIDERS if device == "cuda" else PROVIDERS[1:])
 
 
-def session(path: str | Path, device: str = "cpu"):
-    """An InferenceSession on `device`: CUDA where asked and available, else the CPU."""
+def session(model: str | Path | bytes, device: str = "cpu", spinning: bool = True):
+    """An InferenceSession of an ONNX file (or its serialised bytes) on `device`: CUDA
+    where asked and available, else the CPU. `spinning=False`: the session's worker threads
+    sleep as soon as a run ends instead of spinning for the next one (ONNX Runtime's default);
+    for timing many sessions one after another, whose idle spinners would steal the cores
+    from the session being timed."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     providers = [p for p in providers_for(device) if p in ort.get_available_providers()]
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=opts, providers=providers)
 
 
 def median_latency_ms(sess, input_shape: tuple[int, int, int], batch_size: int,
@@ -33,12 +41,17 @@ def median_latency_ms(sess, input_shape: tuple[int, int, int], batch_size: int,
     """Median wall time in ms of one run of a (batch_size, *input_shape) float32 batch."""
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal((batch_size, *input_shape), dtype=np.float32)
+    return median_run_ms(sess, {name: x}, warmup, repeats)
+
+
+def median_run_ms(sess, feeds: dict[str, np.ndarray], warmup: int, repeats: int) -> float:
+    """Median wall time in ms of `sess.run` on `feeds`, after `warmup` runs."""
     for _ in range(warmup):
-        sess.run(None, {name: x})
+        sess.run(None, feeds)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        sess.run(None, {name: x})
+        sess.run(None, feeds)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 

@@ -1,0 +1,143 @@
+"""Latency tables timed in ONNX Runtime (`latency_budget.runtime: onnxruntime`): the timer
+`chipprune.budgets.latency_profile.profile_model` takes, for the deployment runtime.
+
+A table has hundreds of timed layers and torch's exporter costs about a second a graph, so
+each layer's graph is written directly with onnx.helper, as the exporter writes the layer
+inside the whole model: Conv [-> BatchNormalization] [-> Add shortcut] [-> Relu], batch
+dimension free, float32. ONNX Runtime then fuses it as it fuses the model (BN folded into the
+conv, the add and ReLU into the conv where its CPU kernels can). Whole models (the dense one,
+the check and calibration models) go through the real exporter.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from chipprune.budgets.latency_table import ConvOp
+from chipprune.deploy import ort_runtime
+from chipprune.deploy.onnx_export import OPSET, export_onnx
+
+IR_VERSION = 10  # what onnxruntime 1.2x reads; the exporter writes the same for opset 18
+
+
+def _out_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def layer_graph(op: ConvOp, n_in: int, n_out: int, seed: int = 0):
+    """The ONNX model of one timed layer at these widths (random weights: time does not
+    depend on them). Inputs `x` (N, C_in, H, W) and, for a branch's last conv, `shortcut`
+    (N, C_out, H', W')."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    c_in, groups = (n_out, n_out) if op.depthwise else (n_in, 1)
+    (h, w), (kh, kw) = op.in_hw, op.kernel
+    out_hw = [_out_size(s, k, st, p, d) for s, k, st, p, d in
+              zip(op.in_hw, op.kernel, op.stride, op.padding, op.dilation, strict=True)]
+
+    def init(name: str, *shape: int) -> object:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    inits = [init("weight", n_out, c_in // groups, kh, kw)]
+    conv_inputs = ["x", "weight"]
+    if op.bias:
+        inits.append(init("bias", n_out))
+        conv_inputs.append("bias")
+    nodes = [helper.make_node(
+        "Conv", conv_inputs, ["conv"], kernel_shape=[kh, kw], strides=list(op.stride),
+        pads=[*op.padding, *op.padding], dilations=list(op.dilation), group=groups)]
+    last = "conv"
+    if op.bn_relu:
+        inits += [init("bn_scale", n_out), init("bn_bias", n_out), init("bn_mean", n_out),
+                  numpy_helper.from_array(rng.uniform(0.5, 1.5, n_out).astype(np.float32),
+                                          "bn_var")]
+        nodes.append(helper.make_node("BatchNormalization",
+                                      [last, "bn_scale", "bn_bias", "bn_mean", "bn_var"],
+                                      ["bn"], epsilon=1e-5))
+        last = "bn"
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c_in, h, w])]
+    if op.residual:
+        inputs.append(helper.make_tensor_value_info("shortcut", TensorProto.FLOAT,
+                                                    ["N", n_out, *out_hw]))
+        nodes.append(helper.make_node("Add", [last, "shortcut"], ["added"]))
+        last = "added"
+    if op.bn_relu:
+        nodes.append(helper.make_node("Relu", [last], ["relu"]))
+        last = "relu"
+    nodes.append(helper.make_node("Identity", [last], ["y"]))
+    graph = helper.make_graph(
+        nodes, "layer", inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_out, *out_hw])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    return model
+
+
+def layer_feeds(op: ConvOp, n_in: int, n_out: int, batch_size: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    c_in = n_out if op.depthwise else n_in
+    feeds = {"x": rng.standard_normal((batch_size, c_in, *op.in_hw), dtype=np.float32)}
+    if op.residual:
+        out_hw = [_out_size(s, k, st, p, d) for s, k, st, p, d in
+                  zip(op.in_hw, op.kernel, op.stride, op.padding, op.dilation, strict=True)]
+        feeds["shortcut"] = rng.standard_normal((batch_size, n_out, *out_hw), dtype=np.float32)
+    return feeds
+
+
+class OrtTimer:
+    """The ONNX Runtime timer: per grid point a session of `layer_graph` (built once, warmed
+    up `warmup` runs on first use, one run later), the median of `repeats` runs; whole models
+    through torch's exporter. Sessions as `chipprune.deploy.ort_runtime.session` makes them
+    (all graph optimisations, the provider for `device`), their threads spinning between runs
+    as a deployed session's do; `quiet_s` of sleep before each timing lets the threads of the
+    session timed before stop spinning (hundreds of sessions live here; measured on 2 cores,
+    without the pause a ResNet-20's layers timed alone summed to 2.3x the model, with it 1.9x,
+    and whole models took up to twice their time)."""
+
+    def __init__(self, device: str = "cpu", warmup: int = 3, repeats: int = 3,
+                 spinning: bool = True, quiet_s: float = 0.01):
+        self.device, self.warmup, self.repeats, self.spinning = device, warmup, repeats, spinning
+        self.quiet_s = quiet_s
+        self._sessions: dict[tuple, object] = {}
+        self._scratch = tempfile.TemporaryDirectory(prefix="chipprune-ort-")
+
+    def _time(self, key: tuple, build: Callable[[], object], feeds: dict[str, np.ndarray]) -> float:
+        first = key not in self._sessions
+        if first:
+            self._sessions[key] = build()
+        if self.quiet_s:
+            time.sleep(self.quiet_s)
+        return ort_runtime.median_run_ms(self._sessions[key], feeds,
+                                         max(1, self.warmup) if first else 1, self.repeats)
+
+    def __call__(self, op: ConvOp, n_in: int, n_out: int, batch_size: int) -> float:
+        return self._time(
+            (op, n_in, n_out),
+            lambda: ort_runtime.session(layer_graph(op, n_in, n_out).SerializeToString(),
+                                        self.device, self.spinning),
+            layer_feeds(op, n_in, n_out, batch_size))
+
+    def model_timer(self, build: Callable[[Mapping[str, int]], nn.Module],
+                    input_size: tuple[int, int, int],
+                    batch_size: int) -> Callable[[Mapping[str, int]], float]:
+        """A `profile_model` model timer: `build(widths)` exported once per widths."""
+        x = np.random.default_rng(0).standard_normal((batch_size, *input_size), dtype=np.float32)
+
+        def run(widths: Mapping[str, int]) -> float:
+            key = ("model", tuple(sorted(widths.items())))
+
+            def export():
+                path = Path(self._scratch.name) / f"model-{len(self._sessions)}.onnx"
+                export_onnx(build(dict(widths)).float().eval(), input_size, path)
+                return ort_runtime.session(path, self.device, self.spinning)
+
+            return self._time(key, export, {"images": x})
+
+        return run
