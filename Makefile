@@ -28,6 +28,8 @@ run: setup
 	@echo "Charts:      dvc plots show   (writes dvc_plots/index.html, renders offline)"
 	@echo "Runs:        mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1"
 	@echo "Experiments: dvc exp show"
+	@echo "Models:      registered in MLflow per dataset and model (runs/export/*/export.json);"
+	@echo "             python -m pipelines.compare --experiment chipprune --promote flops-0.25"
 
 test: setup
 	ruff check .

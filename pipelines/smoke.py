@@ -8,7 +8,8 @@ exercised end to end without its data or a GPU.
 What changes from the recipe (`smoke_params`): each dataset becomes `source: synthetic` of
 the real shape (an image folder's class count cannot be known without it: 1000, as
 ImageNet-1k), every batch size 2, every epoch count 1 (no warmup), CHIP scores 2 batches,
-latency tables and measurements are one repeat at batch 2, training runs in one CPU process,
+latency tables (in the recipe's runtime) and measurements are one repeat at batch 2,
+calibrated on one random model, training runs in one CPU process,
 and the grid keeps its first budget and first dataset (plus those its transfer pairs and
 rate configurations read): every model and method, each on one grid point. The stages run in
 this process, in DVC's order, from the commands DVC resolves from dvc.yaml: the imports
@@ -87,7 +88,9 @@ def smoke_params(raw: dict[str, Any]) -> dict[str, Any]:
                      "latency": {"batch_sizes": [1, BATCH], "warmup": 1, "repeats": 1, "rounds": 1,
                                  "dense_reference": False}}
     p["latency_budget"] = {"device": "cpu", "batch_size": BATCH, "step": 1024,
-                           "memory_format": "auto", "warmup": 1, "repeats": 1, "rounds": 1}
+                           "runtime": raw.get("latency_budget", {}).get("runtime", "torch"),
+                           "memory_format": "auto", "warmup": 1, "repeats": 1, "rounds": 1,
+                           "calibration": 1}
     p["chip"] = {**p.get("chip", {}), "batches": 2, "batch_size": BATCH, "device": "cpu"}
     prune = p.get("prune")
     if prune:  # the first budget and dataset, and those the transfers and rates read
