@@ -160,7 +160,9 @@ def test_calibration_fits_rest_and_scale_to_whole_models_and_holds_out_the_check
         return 3.0 + 0.6 * layer_sum(model, w)
 
     table = profile(model, model_timer=whole, calibration=4)
-    calib = calibration_widths(dense, 8, 4)
+    vanishing = frozenset(g for br in model.describe().branches for g in br.groups)
+    calib = calibration_widths(dense, 8, 4, vanishing)
+    assert any(w[g] == 0 for w in calib[2:] for g in vanishing)  # some branches removed
     assert timed == [dense, check_widths(dense, 8), *calib]  # one round, in this order
     assert len(calib) == 6 and calib[0]["layer3"] == 16 and calib[1]["layer3"] == 48
     assert (table.rest_ms, table.scale) == (pytest.approx(3.0, rel=1e-9),
@@ -427,6 +429,7 @@ def test_profile_latency_stage_writes_a_table_the_budget_accepts(stage_env, mlfl
     assert table.meta["batch_size"] == 2 and table.meta["device"] == "cpu"
     assert table.meta["memory_format"] in ("nchw", "channels_last")
     assert set(table.meta["dense_ms_by_format"]) == {"nchw", "channels_last"}
+    assert table.meta["calibration"]["models"] == 7 and table.scale >= 0  # params default: 4
     model = create_model("resnet20", num_classes=10, in_channels=1, shortcut="A")
     bm = BudgetModel.from_model(model, SHAPE, latency=table)
     assert bm.fraction("latency", bm.dense_widths) == pytest.approx(1.0, rel=1e-12)

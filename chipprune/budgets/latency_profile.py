@@ -41,18 +41,20 @@ def check_widths(dense: Mapping[str, int], step: int) -> dict[str, int]:
 
 
 def calibration_widths(dense: Mapping[str, int], step: int, n_random: int,
+                       vanishing: frozenset[str] = frozenset(),
                        seed: int = 0) -> list[dict[str, int]]:
     """The whole models a table is calibrated on, besides the dense one: every group at the
     grid point nearest a quarter and three quarters of its width, and `n_random` models of
-    independent random grid widths per group (seeded): uniform and uneven prunings alike,
-    all on the grid, none the half-width check model's widths by construction of the
-    fractions (a random draw may repeat them; it is rare and harmless)."""
+    independent random grid widths per group (seeded), where a group in `vanishing` (of a
+    removable residual branch) may draw 0 too: uniform and uneven prunings, with and without
+    removed branches, as masks make them (at batch 1 a removed branch saves per-module
+    overhead a width never shows)."""
     def nearest(d: int, f: float) -> int:
         return min((w for w in width_grid(d, step) if w > 0), key=lambda w: (abs(w - f * d), -w))
 
     rng = random.Random(seed)
     out = [{g: nearest(d, f) for g, d in dense.items()} for f in (0.25, 0.75)]
-    out += [{g: rng.choice([w for w in width_grid(d, step) if w > 0]) for g, d in dense.items()}
+    out += [{g: rng.choice(width_grid(d, step, g in vanishing)) for g, d in dense.items()}
             for _ in range(n_random)]
     return out
 
@@ -118,7 +120,8 @@ def profile_model(
         }
     dense_w = spec.widths()
     half_w = check_widths(dense_w, step)
-    calib = calibration_widths(dense_w, step, calibration) if calibration > 0 else []
+    calib = calibration_widths(dense_w, step, calibration, frozenset(vanishing)) \
+        if calibration > 0 else []
     whole: dict[str, list[float]] = {"dense": [], "half": [], **{i: [] for i in range(len(calib))}}
     for _ in range(rounds):
         whole["dense"].append(float(model_timer(dense_w)))
