@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     source_path = method_dir / masks.extra["weights"] if "weights" in masks.extra else Path(args.dense_ckpt)
     source = load_checkpoint(source_path)
     dense_model = model_from_checkpoint(source, source_path)
-    validate_masks(masks, dense_model.describe())
+    # the architecture the file names, not only groups that happen to fit (as transfer_masks)
+    validate_masks(masks, dense_model.describe(), model=source["model_name"])
     model, kwargs = prune_model(dense_model, source["model_name"], source["model_kwargs"],
                                 {g: list(v) for g, v in masks.kept.items()})
 

@@ -218,3 +218,37 @@ def test_non_json_extra_is_refused_and_leaves_no_file(spec, tmp_path):
     with pytest.raises(MaskError, match="masks.json: masks are not plain JSON"):
         save_masks(m, path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_finetune_refuses_masks_naming_another_architecture_whose_groups_fit(
+        tmp_path, capsys, mlflow_store):
+    """A masks file that names resnet32 but whose groups fit the resnet20 checkpoint it is
+    applied to: finetune refuses it (exit 2, both names), before any training or output."""
+    from chipprune.data import prepare_dataset, save_prepared
+    from chipprune.methods.baselines import random_scores
+    from chipprune.surgery.masks import masks_from_keep, save_masks
+    from chipprune.training.checkpoint import make_checkpoint, save_checkpoint
+    from stages import finetune
+    from stages._common import run_main
+    from tests.conftest import REPO
+
+    save_prepared(prepare_dataset("digits", image_size=16), tmp_path / "data")
+    kw = {"num_classes": 10, "in_channels": 1, "shortcut": "A"}
+    dense = create_model("resnet20", **kw)
+    save_checkpoint(make_checkpoint(dense, "resnet20", kw), tmp_path / "dense.pt")
+    spec = dense.describe()
+    keep = {g: s >= s.median() for g, s in random_scores(spec.widths(), 0).items()}
+    m = masks_from_keep("resnet20", kw, spec, keep, dataset="digits", method="random",
+                        budget={"type": "flops", "target": 0.5, "achieved": 0.5})
+    (tmp_path / "method").mkdir()
+    save_masks(m, tmp_path / "method/masks.json")
+    doc = json.loads((tmp_path / "method/masks.json").read_text())
+    (tmp_path / "method/masks.json").write_text(json.dumps({**doc, "model": "resnet32"}))
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    out = tmp_path / "out"
+    rc = run_main(finetune.main, [str(tmp_path / "method"), str(tmp_path / "dense.pt"),
+                                  str(tmp_path / "data/"), str(out), "--params",
+                                  str(tmp_path / "params.yaml")])
+    assert rc == 2
+    assert "masks are for model 'resnet32', not 'resnet20'" in capsys.readouterr().err
+    assert not out.exists()
