@@ -121,14 +121,16 @@ class OrtBench:
         export_onnx(model.float().cpu().eval(), shape, path)
         self.models[key] = (ort_runtime.session(path, self.device), shape)
 
-    def run(self, batch_sizes, rounds: int) -> None:
+    def run(self, batch_sizes, rounds: int, quiet: bool = False) -> None:
         for r in range(rounds):
             for key, (sess, shape) in self.models.items():
                 for bs in batch_sizes:
-                    time.sleep(0.01)
+                    time.sleep(ort_runtime.QUIET_S)
                     ms = ort_runtime.median_latency_ms(sess, shape, bs, 3 if r == 0 else 1,
                                                        self.repeats)
                     self.best[(key, bs)] = min(self.best.get((key, bs), math.inf), ms)
+            if not quiet:
+                print(f"  ONNX Runtime round {r + 1}/{rounds} done", flush=True)
 
     def ms(self, key: str, bs: int, fmt: str | None = None) -> float:
         return self.best[(key, bs)]
@@ -282,7 +284,7 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
             bench.add(label, pruned, shape)
             macs = bm.fraction("flops", {g: len(v) for g, v in kept.items()})
             results.append((label, r.achieved, macs))
-        bench.run([bs], args.rounds, **({} if runtime == "onnxruntime" else {"quiet": True}))
+        bench.run([bs], args.rounds, quiet=True)
         d = bench.ms("dense", bs, fmt)
         for label, pred, macs in results:
             m = bench.ms(label, bs, fmt)

@@ -71,16 +71,16 @@ def promote(records: list[dict[str, Any]], budget: str, alias: str) -> list[regi
     registry.best_under_budget); the versions are joined to the evaluate records by the
     checkpoint's hash. Returns the promoted versions; ValueError when there are none."""
     kind, target = parse_budget_label(budget)
+    pruned: dict[str, list[dict[str, Any]]] = {}  # registered model -> its pruned records
+    for r in records:
+        if (r.get("budget") or {}).get("target") is not None:
+            pruned.setdefault(registry.registered_model_name(r["dataset"], r["model"]), []).append(r)
     candidates = []
-    for name in sorted({registry.registered_model_name(r["dataset"], r["model"]) for r in records}):
+    for name, rs in sorted(pruned.items()):
         versions = registry.versions_by_checkpoint(name, CHECKPOINT_TAG)
-        for r in records:
-            b = r.get("budget") or {}
-            v = versions.get(r[CHECKPOINT_TAG])
-            if v is not None and b.get("target") is not None and \
-                    registry.registered_model_name(r["dataset"], r["model"]) == name:
-                candidates.append(registry.Candidate(name, v.version, r["test_top1"],
-                                                     r["macs_fraction"], b["type"], b["target"]))
+        candidates += [registry.Candidate(name, v.version, r["test_top1"], r["macs_fraction"],
+                                          r["budget"]["type"], r["budget"]["target"])
+                       for r in rs if (v := versions.get(r[CHECKPOINT_TAG])) is not None]
     best = registry.best_under_budget(candidates, kind, target)
     if not best:
         raise ValueError(f"no registered model version was pruned to a {kind} budget at or "

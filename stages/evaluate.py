@@ -27,7 +27,7 @@ from chipprune.config import EvaluateConfig, load_params
 from chipprune.data import load_prepared
 from chipprune.models import create_model
 from chipprune.reporting import tracking
-from chipprune.reporting.records import CHECKPOINT_TAG, run_tags
+from chipprune.reporting.records import CHECKPOINT_TAG, checkpoint_labels, run_tags
 from chipprune.training.checkpoint import (
     dense_kwargs,
     is_pruned,
@@ -60,7 +60,6 @@ def evaluate_checkpoint(run: EvaluatedRun, test: DeviceData, meta: dict[str, Any
                                        rounds=cfg.latency.rounds)
     if not pruned:
         latency |= {f"speedup_bs{bs}": 1.0 for bs in cfg.latency.batch_sizes}
-    masks = ckpt.get("masks", {})
     return {
         "test_top1": acc["top1"],
         "test_top5": acc["top5"],
@@ -71,13 +70,8 @@ def evaluate_checkpoint(run: EvaluatedRun, test: DeviceData, meta: dict[str, Any
         "params_fraction": cost.params / dense_cost.params,
         "macs_fraction": cost.macs / dense_cost.macs,
         **latency,
-        "model": ckpt["model_name"],
+        **checkpoint_labels(ckpt, meta.get("name")),
         "model_kwargs": dense_kwargs(ckpt),  # widths / kept live in the checkpoint
-        "method": masks.get("method", "dense"),
-        "budget": masks.get("budget"),
-        "teacher": masks.get("teacher"),
-        "protocol": masks.get("protocol"),
-        "dataset": meta.get("name"),
         "device": str(device),
         **formats,  # latency_format_bs<N>: the faster memory format
         "test_size": len(test),

@@ -39,7 +39,7 @@ from chipprune.deploy.onnx_export import (
 )
 from chipprune.models import create_model
 from chipprune.reporting import tracking
-from chipprune.reporting.records import CHECKPOINT_TAG, budget_label
+from chipprune.reporting.records import CHECKPOINT_TAG, checkpoint_labels, record_labels
 from chipprune.training.checkpoint import (
     dense_kwargs,
     is_pruned,
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
                 version = registry.log_registered_onnx(
                     folder / "model.onnx", test.normalise(test.images[:1]).numpy(),
                     int(meta["num_classes"]), name,
-                    {**version_tags(ckpt, model, dense, shape), "run": r.name, CHECKPOINT_TAG: sha},
+                    {**version_tags(ckpt, meta, model, dense), "run": r.name, CHECKPOINT_TAG: sha},
                     ort_runtime.providers_for(cfg.device))
                 record |= {"registered_model": name, "registered_version": version}
                 write_json(folder / "export.json", record)
@@ -140,14 +140,13 @@ def main(argv: list[str] | None = None) -> None:
                   f"{name} v{version}", flush=True)
 
 
-def version_tags(ckpt: dict[str, Any], model, dense, shape: tuple[int, int, int]) -> dict:
-    """What a registered version is: method, budget (type and target), params and MACs
-    fractions of its dense architecture."""
-    masks = ckpt.get("masks", {})
-    budget = masks.get("budget") or {}
+def version_tags(ckpt: dict[str, Any], meta: dict[str, Any], model, dense) -> dict:
+    """What a registered version is: method, budget (type and target) as evaluate's run tags
+    say them, params and MACs fractions of its dense architecture."""
+    labels = record_labels(checkpoint_labels(ckpt, meta["name"]))
+    shape = tuple(meta["image_shape"])
     cost, dense_cost = measure_cost(model, shape), measure_cost(dense, shape)
-    return {"method": masks.get("method", "dense"), "budget_type": budget_label(budget),
-            "target": "" if budget.get("target") is None else budget["target"],
+    return {**{k: labels[k] for k in ("method", "budget_type", "target")},
             "params_fraction": cost.params / dense_cost.params,
             "macs_fraction": cost.macs / dense_cost.macs}
 

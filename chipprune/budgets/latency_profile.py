@@ -30,14 +30,16 @@ from chipprune.models import PrunableNet
 Timer = Callable[[ConvOp, int, int, int], float]  # (op, n_in, n_out, batch) -> ms
 
 
+def _nearest(dense: int, step: int, fraction: float) -> int:
+    """The grid width (not 0) nearest `fraction` of `dense`; ties: the wider."""
+    return min((w for w in width_grid(dense, step) if w > 0),
+               key=lambda w: (abs(w - fraction * dense), -w))
+
+
 def check_widths(dense: Mapping[str, int], step: int) -> dict[str, int]:
     """The second model `profile_model` times whole: every group at the grid point nearest
     half its dense width (ties: the wider), about a quarter of the dense MACs."""
-    out = {}
-    for g, d in dense.items():
-        grid = [w for w in width_grid(d, step) if w > 0]
-        out[g] = min(grid, key=lambda w: (abs(2 * w - d), -w))
-    return out
+    return {g: _nearest(d, step, 0.5) for g, d in dense.items()}
 
 
 def calibration_widths(dense: Mapping[str, int], step: int, n_random: int,
@@ -49,11 +51,8 @@ def calibration_widths(dense: Mapping[str, int], step: int, n_random: int,
     removable residual branch) may draw 0 too: uniform and uneven prunings, with and without
     removed branches, as masks make them (at batch 1 a removed branch saves per-module
     overhead a width never shows)."""
-    def nearest(d: int, f: float) -> int:
-        return min((w for w in width_grid(d, step) if w > 0), key=lambda w: (abs(w - f * d), -w))
-
     rng = random.Random(seed)
-    out = [{g: nearest(d, f) for g, d in dense.items()} for f in (0.25, 0.75)]
+    out = [{g: _nearest(d, step, f) for g, d in dense.items()} for f in (0.25, 0.75)]
     out += [{g: rng.choice(width_grid(d, step, g in vanishing)) for g, d in dense.items()}
             for _ in range(n_random)]
     return out

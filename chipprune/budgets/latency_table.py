@@ -83,6 +83,13 @@ class ConvOp:
     bn_relu: bool = True  # conv + BN + ReLU (a prunable conv) or the conv alone (FixedConv)
     residual: bool = False  # + the residual add before the ReLU (a branch's last conv)
 
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        """Output height and width (the conv arithmetic, per axis)."""
+        return tuple(  # type: ignore[return-value]
+            (s + 2 * p - d * (k - 1) - 1) // st + 1 for s, k, st, p, d in
+            zip(self.in_hw, self.kernel, self.stride, self.padding, self.dilation, strict=True))
+
     def module(self, n_in: int, n_out: int) -> nn.Module:
         """The layer at these widths, eval mode (for a depthwise op n_in is ignored)."""
         if self.depthwise:

@@ -26,10 +26,6 @@ from chipprune.deploy.onnx_export import OPSET, export_onnx
 IR_VERSION = 10  # what onnxruntime 1.2x reads; the exporter writes the same for opset 18
 
 
-def _out_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
-    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
-
-
 def layer_graph(op: ConvOp, n_in: int, n_out: int, seed: int = 0):
     """The ONNX model of one timed layer at these widths (random weights: time does not
     depend on them). Inputs `x` (N, C_in, H, W) and, for a branch's last conv, `shortcut`
@@ -38,9 +34,7 @@ def layer_graph(op: ConvOp, n_in: int, n_out: int, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     c_in, groups = (n_out, n_out) if op.depthwise else (n_in, 1)
-    (h, w), (kh, kw) = op.in_hw, op.kernel
-    out_hw = [_out_size(s, k, st, p, d) for s, k, st, p, d in
-              zip(op.in_hw, op.kernel, op.stride, op.padding, op.dilation, strict=True)]
+    (h, w), (kh, kw), out_hw = op.in_hw, op.kernel, op.out_hw
 
     def init(name: str, *shape: int) -> object:
         return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
@@ -85,9 +79,7 @@ def layer_feeds(op: ConvOp, n_in: int, n_out: int, batch_size: int) -> dict[str,
     c_in = n_out if op.depthwise else n_in
     feeds = {"x": rng.standard_normal((batch_size, c_in, *op.in_hw), dtype=np.float32)}
     if op.residual:
-        out_hw = [_out_size(s, k, st, p, d) for s, k, st, p, d in
-                  zip(op.in_hw, op.kernel, op.stride, op.padding, op.dilation, strict=True)]
-        feeds["shortcut"] = rng.standard_normal((batch_size, n_out, *out_hw), dtype=np.float32)
+        feeds["shortcut"] = rng.standard_normal((batch_size, n_out, *op.out_hw), dtype=np.float32)
     return feeds
 
 
@@ -102,9 +94,8 @@ class OrtTimer:
     and whole models took up to twice their time)."""
 
     def __init__(self, device: str = "cpu", warmup: int = 3, repeats: int = 3,
-                 spinning: bool = True, quiet_s: float = 0.01):
-        self.device, self.warmup, self.repeats, self.spinning = device, warmup, repeats, spinning
-        self.quiet_s = quiet_s
+                 quiet_s: float = ort_runtime.QUIET_S):
+        self.device, self.warmup, self.repeats, self.quiet_s = device, warmup, repeats, quiet_s
         self._sessions: dict[tuple, object] = {}
         self._scratch = tempfile.TemporaryDirectory(prefix="chipprune-ort-")
 
@@ -121,7 +112,7 @@ class OrtTimer:
         return self._time(
             (op, n_in, n_out),
             lambda: ort_runtime.session(layer_graph(op, n_in, n_out).SerializeToString(),
-                                        self.device, self.spinning),
+                                        self.device),
             layer_feeds(op, n_in, n_out, batch_size))
 
     def model_timer(self, build: Callable[[Mapping[str, int]], nn.Module],
@@ -136,7 +127,7 @@ class OrtTimer:
             def export():
                 path = Path(self._scratch.name) / f"model-{len(self._sessions)}.onnx"
                 export_onnx(build(dict(widths)).float().eval(), input_size, path)
-                return ort_runtime.session(path, self.device, self.spinning)
+                return ort_runtime.session(path, self.device)
 
             return self._time(key, export, {"images": x})
 

@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 
 PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+# Sleep before timing a session when other sessions ran just before: their worker threads
+# spin for a while after a run and would take the cores from the one being timed
+QUIET_S = 0.01
 
 
 def providers_for(device: str) -> list[str]:
@@ -18,19 +21,13 @@ def providers_for(device: str) -> list[str]:
     return list(PROVIDERS if device == "cuda" else PROVIDERS[1:])
 
 
-def session(model: str | Path | bytes, device: str = "cpu", spinning: bool = True):
+def session(model: str | Path | bytes, device: str = "cpu"):
     """An InferenceSession of an ONNX file (or its serialised bytes) on `device`: CUDA
-    where asked and available, else the CPU. `spinning=False`: the session's worker threads
-    sleep as soon as a run ends instead of spinning for the next one (ONNX Runtime's default);
-    for timing many sessions one after another, whose idle spinners would steal the cores
-    from the session being timed."""
+    where asked and available, else the CPU."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     providers = [p for p in providers_for(device) if p in ort.get_available_providers()]
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, sess_options=opts, providers=providers)

@@ -26,15 +26,30 @@ def budget_label(budget: dict | None) -> str:
     return f"rates:{budget['config']}" if kind == "rates" and budget.get("config") else kind
 
 
-def run_tags(record: dict) -> dict[str, str]:
-    """The MLflow tags of one evaluate record (its metrics are logged as metrics)."""
+def checkpoint_labels(ckpt: dict, dataset: str | None) -> dict:
+    """What a checkpoint is, from the masks it was pruned with: method ('dense' without),
+    budget, teacher and protocol (transfers), with its dataset and model; the labels of an
+    evaluate record and of a registered model version."""
+    masks = ckpt.get("masks", {})
+    return {"method": masks.get("method", "dense"), "budget": masks.get("budget"),
+            "teacher": masks.get("teacher"), "protocol": masks.get("protocol"),
+            "dataset": dataset, "model": ckpt["model_name"]}
+
+
+def record_labels(record: dict) -> dict[str, str]:
+    """The RECORD_TAGS of one record as strings ('' for none)."""
     budget = record.get("budget") or {}
     values = {
         "method": record["method"], "dataset": record["dataset"], "model": record["model"],
         "budget_type": budget_label(budget), "target": budget.get("target"),
         "teacher": record.get("teacher"), "protocol": record.get("protocol"),
     }  # fmt: skip
-    return {f"{TAG_PREFIX}{k}": "" if v is None else str(v) for k, v in values.items()}
+    return {k: "" if v is None else str(v) for k, v in values.items()}
+
+
+def run_tags(record: dict) -> dict[str, str]:
+    """The MLflow tags of one evaluate record (its metrics are logged as metrics)."""
+    return {f"{TAG_PREFIX}{k}": v for k, v in record_labels(record).items()}
 
 
 def record_from_run(tags: dict[str, str], metrics: dict[str, float], source: str = "") -> dict:
