@@ -4,6 +4,8 @@ is allowed; stages turn it into exit code 2 before writing anything."""
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -83,28 +85,50 @@ class DatasetConfig(Strict):
 
 
 class ModelConfig(Strict):
+    # a registered model, `torchvision:<builder>` or `<module>:<callable>` (any CNN, traced)
     arch: str
     kwargs: dict[str, Any] = {}
+    # a local state dict to start train_dense from (pretrained weights; never downloaded)
+    weights: str | None = None
 
     @model_validator(mode="after")
     def _known(self) -> ModelConfig:
-        import torch
+        from chipprune.models import list_models
 
-        from chipprune.models import create_model, list_models
-
-        if self.arch not in list_models():
-            raise ValueError(f"unknown arch {self.arch!r}; known: {', '.join(list_models())}")
-        reserved = sorted({"num_classes", "in_channels"} & set(self.kwargs))
+        external = ":" in self.arch
+        if not external and self.arch not in list_models():
+            raise ValueError(
+                f"unknown arch {self.arch!r}; known: {', '.join(list_models())}, or "
+                "'torchvision:<builder>' / '<module>:<callable>' for any CNN"
+            )
+        reserved = sorted({"num_classes", "in_channels", "widths", "kept"} & set(self.kwargs))
         if reserved:
-            raise ValueError(f"kwargs {reserved} come from the dataset; remove them")
-        # Building the model checks every kwarg against the real constructor (a few ms for
-        # the CIFAR nets; the meta device would be slower: its dispatch mode costs ~1 s).
-        try:
-            with torch.no_grad():
-                create_model(self.arch, **self.kwargs)
-        except (TypeError, ValueError, KeyError) as e:
-            raise ValueError(f"kwargs {self.kwargs} rejected by {self.arch}: {e}") from None
+            raise ValueError(f"kwargs {reserved} come from the dataset or surgery; remove them")
+        if self.weights is not None and not Path(self.weights).expanduser().is_file():
+            raise ValueError(f"weights: {self.weights!r} is not a file")
+        _check_builds(self.arch, json.dumps(self.kwargs, sort_keys=True))
         return self
+
+
+@functools.lru_cache(maxsize=64)
+def _check_builds(arch: str, kwargs_json: str) -> None:
+    """Build the model once per process: every kwarg is checked against the real constructor
+    (a few ms for the CIFAR nets, about a second to trace a torchvision network; the meta
+    device would be slower: its dispatch mode costs ~1 s), and a factory that cannot be
+    imported, returns no module or cannot be traced is a params error before any stage runs."""
+    import torch
+
+    from chipprune.models import create_model
+    from chipprune.models.traced import ArchError, TraceError
+
+    kwargs = json.loads(kwargs_json)
+    try:
+        with torch.no_grad():
+            create_model(arch, **kwargs)
+    except (ArchError, TraceError) as e:
+        raise ValueError(str(e)) from None
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"kwargs {kwargs} rejected by {arch}: {e}") from None
 
 
 class OptimizerConfig(Strict):

@@ -18,7 +18,7 @@ from chipprune.data import load_prepared
 from chipprune.models import create_model
 from chipprune.reporting import tracking
 from chipprune.training import distributed
-from chipprune.training.checkpoint import make_checkpoint, save_checkpoint
+from chipprune.training.checkpoint import load_pretrained, make_checkpoint, save_checkpoint
 from chipprune.training.loop import DeviceData, fit, resolve_device, seed_everything
 from chipprune.training.resume import ResumeStore, fingerprint
 from stages._common import RESUME_DIR, main_rank_run, run_main, start_ranks
@@ -51,7 +51,13 @@ def main(argv: list[str] | None = None) -> None:
 
     seed_everything(cfg.seed, device)
     kwargs = {**m_cfg.kwargs, "num_classes": meta["num_classes"], "in_channels": meta["image_shape"][0]}
-    model = create_model(m_cfg.arch, **kwargs).to(device)
+    model = create_model(m_cfg.arch, **kwargs)
+    if m_cfg.weights:  # a local file; CheckpointError (exit 2) where it does not fit
+        pretrained = load_pretrained(model, Path(m_cfg.weights).expanduser())
+        print(f"{args.model}: {pretrained['loaded']} tensors from {m_cfg.weights}, "
+              f"re-initialised {pretrained['reinitialised']}, "
+              f"{len(pretrained['unused'])} unused", flush=True)
+    model = model.to(device)
     train = DeviceData.from_split(data.splits["train"], meta, device)
     val = DeviceData.from_split(data.splits["val"], meta, device)
 
@@ -62,9 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     }
     name = f"train_dense@{args.dataset}-{args.model}"
     out = Path(args.out_dir)
-    resume = ResumeStore(RESUME_DIR / f"{name}.pt", fingerprint(config, meta, kwargs))
     meta_file = Path(args.data_dir) / "meta.json"
-    with main_rank_run(name, config, out / "mlflow_run.json", inputs={"data_meta": meta_file}):
+    inputs = {"data_meta": meta_file}
+    if m_cfg.weights:  # its sha256 goes into the run, and into the resume fingerprint
+        inputs["weights"] = Path(m_cfg.weights).expanduser()
+        config["model"]["weights_sha256"] = tracking.file_sha256(inputs["weights"])
+    resume = ResumeStore(RESUME_DIR / f"{name}.pt", fingerprint(config, meta, kwargs))
+    with main_rank_run(name, config, out / "mlflow_run.json", inputs=inputs):
         result = fit(model, train, val, cfg, ds_cfg.augment, resume=resume,
                      log=lambda row: tracking.log_history([row]))
         if not distributed.is_main():

@@ -15,9 +15,10 @@ from chipprune.budgets.counting import count_params, measure_cost
 from chipprune.budgets.exact import BudgetModel
 from chipprune.models import ModelSpec, PrunableConv, PrunableNet, create_model
 from chipprune.models.mobilenetv2 import MobileNetV2
+from chipprune.models.slicing import slice_plan
 from chipprune.surgery.masking import apply_hard_masks
 from chipprune.surgery.masks import kept_as_bool, masks_from_keep
-from chipprune.surgery.rebuild import _slice_plan, prune_model
+from chipprune.surgery.rebuild import prune_model
 
 
 def wrn_params(depth: int, k: int, classes: int) -> int:
@@ -339,8 +340,8 @@ def test_grouped_convs_other_than_depthwise_are_refused(groups, same_group):
     with pytest.raises(
         ValueError, match="conv2: grouped convs are not supported, except depthwise"
     ):
-        _slice_plan(model, pos)
+        slice_plan(model, pos)
     # described as depthwise (its output group is its input group): accepted
     ok = _Grouped(8, same_group=True)
     assert BudgetModel.from_model(ok, (3, 8, 8)).dense["params"] == count_params(ok)
-    assert _slice_plan(ok, {"conv1": torch.arange(8)})["conv2.weight"][1:] == ()
+    assert slice_plan(ok, {"conv1": torch.arange(8)})["conv2.weight"][1:] == ()

@@ -28,6 +28,7 @@ from torch import nn
 from chipprune.budgets.counting import conv_feature_sizes, measure_cost
 from chipprune.budgets.latency_table import LatencyTable
 from chipprune.models import Branch, PrunableNet
+from chipprune.models.slicing import GROUPED
 
 COUNT_TYPES = ("channel", "volume", "params", "flops")  # exact polynomials in the widths
 BUDGET_TYPES = (*COUNT_TYPES, "latency")  # latency: only with a latency table
@@ -97,8 +98,9 @@ class BudgetModel:
         # conv name -> Hout * Wout
         areas = {n: o[0] * o[1] for n, (_, o) in conv_feature_sizes(model, input_size).items()}
         conv_groups = {c.conv: (c.group, c.in_group) for c in spec.convs}
-        conv_groups |= {f.conv: (None, f.in_group) for f in spec.fixed}  # outputs never pruned
-        bn_groups = {c.bn: c.group for c in spec.convs}
+        # outputs never pruned, or following a group without a gate (out_group)
+        conv_groups |= {f.conv: (f.out_group, f.in_group) for f in spec.fixed}
+        bn_groups = {c.bn: c.group for c in spec.convs if c.bn != c.conv}
         # conv or BN name -> the groups its branch needs (empty outside removable branches)
         when = {c.conv: () for c in spec.convs} | {c.bn: () for c in spec.convs}
         for br in spec.branches:
@@ -116,10 +118,11 @@ class BudgetModel:
                 k = m.kernel_size[0] * m.kernel_size[1]
                 if _is_depthwise(m, out, inp):  # channel i reads only input i: k * width
                     inp, k_in = None, k
-                elif m.groups != 1:
-                    raise ValueError(f"{name}: {_GROUPED}")
-                else:
-                    k_in = k if inp is not None else k * m.in_channels  # the image is not pruned
+                elif m.groups != 1 and (out is not None or inp is not None):
+                    raise ValueError(f"{name}: {GROUPED}")
+                else:  # (a grouped conv here has fixed input and output: a constant)
+                    # the image (a fixed input) is not pruned
+                    k_in = k if inp is not None else k * m.in_channels // m.groups
                 n_out = 1 if out is not None else m.out_channels  # a FixedConv's are constant
                 on = when.get(name, ())
                 params.append(Term(k_in * n_out, out, inp, on))
@@ -130,7 +133,8 @@ class BudgetModel:
             elif isinstance(m, nn.BatchNorm2d) and name in bn_groups:
                 params.append(Term(2, bn_groups[name], None, when[name]))
             elif isinstance(m, nn.Linear) and name == spec.classifier:
-                n_in = 1 if spec.classifier_in_group is not None else m.in_features
+                # per channel of its group: classifier_repeat inputs (a flattened map)
+                n_in = spec.classifier_repeat if spec.classifier_in_group else m.in_features
                 params.append(Term(m.out_features * n_in, spec.classifier_in_group, None))
                 macs.append(Term(m.out_features * n_in, spec.classifier_in_group, None))
                 if m.bias is not None:
@@ -191,12 +195,6 @@ class BudgetModel:
     def fraction(self, kind: str, widths: Mapping[str, Width]) -> Width:
         """Cost relative to the dense model: the budget's value, in (0, 1]."""
         return self.cost(kind, widths) / self.dense[kind]
-
-
-_GROUPED = (
-    "grouped convs are not supported, except depthwise ones (groups == in_channels == "
-    "out_channels, described with in_group == group)"
-)
 
 
 def _is_depthwise(m: nn.Conv2d, group: str | None, in_group: str | None) -> bool:

@@ -82,6 +82,7 @@ class ConvOp:
     depthwise: bool = False  # groups = channels; the in-width is the out-width
     bn_relu: bool = True  # conv + BN + ReLU (a prunable conv) or the conv alone (FixedConv)
     residual: bool = False  # + the residual add before the ReLU (a branch's last conv)
+    groups: int = 1  # a grouped conv whose input and output widths are both fixed
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -101,7 +102,7 @@ class ConvOp:
             self.stride,
             self.padding,
             self.dilation,
-            groups=n_out if self.depthwise else 1,
+            groups=n_out if self.depthwise else self.groups,
             bias=self.bias,
         )
         return _TimedLayer(
@@ -187,11 +188,11 @@ def _layer_plan(model: PrunableNet, input_size: tuple[int, int, int]):
                 "(preresnet164: select_inputs: false)"
             )
         prunable = hasattr(c, "bn")
-        group = c.group if prunable else None
+        group = c.group if prunable else c.out_group  # a follower's output follows a group
         depthwise = (
             prunable and c.group == c.in_group and m.groups == m.in_channels == m.out_channels
         )
-        if m.groups != 1 and not depthwise:
+        if m.groups != 1 and not depthwise and (group is not None or c.in_group is not None):
             raise ValueError(f"{c.conv}: grouped convs other than depthwise have no latency table")
         op = ConvOp(
             tuple(m.kernel_size),
@@ -203,6 +204,7 @@ def _layer_plan(model: PrunableNet, input_size: tuple[int, int, int]):
             depthwise,
             prunable,
             c.conv in ends,
+            1 if depthwise else m.groups,
         )
         in_group = None if depthwise else c.in_group
         plan.append(

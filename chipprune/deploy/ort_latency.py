@@ -33,7 +33,7 @@ def layer_graph(op: ConvOp, n_in: int, n_out: int, seed: int = 0):
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    c_in, groups = (n_out, n_out) if op.depthwise else (n_in, 1)
+    c_in, groups = (n_out, n_out) if op.depthwise else (n_in, op.groups)
     (h, w), (kh, kw), out_hw = op.in_hw, op.kernel, op.out_hw
 
     def init(name: str, *shape: int) -> object:

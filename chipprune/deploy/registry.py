@@ -23,8 +23,10 @@ from chipprune.deploy.onnx_export import INPUT, OUTPUT
 
 
 def registered_model_name(dataset: str, model: str) -> str:
-    """One registered model per dataset and architecture: `digits-resnet20`."""
-    return f"{dataset}-{model}"
+    """One registered model per dataset and architecture: `digits-resnet20`; a factory's
+    `module:callable` (which the registry refuses: no ':' or '/') as `module.callable`,
+    `digits-torchvision.resnet18`."""
+    return f"{dataset}-{model}".replace(":", ".").replace("/", ".")
 
 
 def default_alias(budget: str) -> str:

@@ -43,10 +43,12 @@ def folded_copy(model: nn.Module, z: dict[str, torch.Tensor]) -> nn.Module:
     Deviation from the authors' code, which sets kept gates to exactly 1."""
     folded = copy.deepcopy(model)
     for c in folded.describe().convs:
-        bn = folded.get_submodule(c.bn)
-        scale = z[c.group].to(bn.weight.dtype)
-        bn.weight.mul_(scale)
-        bn.bias.mul_(scale)
+        gated = folded.get_submodule(c.bn)  # a BN, or the conv itself where none follows
+        scale = z[c.group].to(gated.weight.dtype)
+        # (C,) BN affine, or a conv's weight (C, Cin, k, k) and bias: z (W x + b), exactly
+        gated.weight.mul_(scale.view(-1, *([1] * (gated.weight.dim() - 1))))
+        if gated.bias is not None:
+            gated.bias.mul_(scale)
     return folded
 
 

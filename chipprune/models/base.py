@@ -15,6 +15,8 @@ class PrunableNet(nn.Module):
     """A model that describes its prunable convs, coupling groups and shortcuts (`describe`)."""
 
     _spec: ModelSpec  # set by the subclass at construction; widths are read live
+    # what the state dict's keys have in front of the network's own (pretrained weights)
+    WEIGHTS_PREFIX = ""
 
     def describe(self) -> ModelSpec:
         """The spec, with widths read from the module tree as it is now (after surgery too)."""
@@ -22,9 +24,12 @@ class PrunableNet(nn.Module):
             replace(c, out_channels=self.get_submodule(c.conv).out_channels)
             for c in self._spec.convs
         )
-        stem = next(c for c in (*self._spec.fixed, *self._spec.convs) if c.in_group is None)
-        in_channels = self.get_submodule(stem.conv).in_channels
+        in_channels = self.get_submodule(self._stem_conv()).in_channels
         return replace(self._spec, convs=convs, in_channels=in_channels)
+
+    def _stem_conv(self) -> str:
+        """The conv that reads the image: the first with a fixed input, fixed convs first."""
+        return next(c for c in (*self._spec.fixed, *self._spec.convs) if c.in_group is None).conv
 
 
 class GroupWidths:

@@ -22,7 +22,13 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, **kwargs) -> PrunableNet:
-    """Build a registered model; kwargs are plain JSON values, so checkpoints can rebuild it."""
+    """Build a registered model, or any CNN a factory builds (`torchvision:<builder>`,
+    `<module>:<callable>`, traced); kwargs are plain JSON values, so checkpoints can
+    rebuild it."""
+    if ":" in name:
+        from .traced import TracedNet  # imported here: torch.fx and torchvision load lazily
+
+        return TracedNet(name, **kwargs)
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     return _MODELS[name](**kwargs)

@@ -14,7 +14,8 @@ class PrunableConv:
 
     conv: str  # qualified name of the nn.Conv2d, or of a `ChannelSelect` (a parameter-free
     # selection of an unpruned stream's channels for one reader, with in_group None)
-    bn: str  # qualified name of the BatchNorm2d right after it (gates multiply its output)
+    bn: str  # qualified name of the BatchNorm2d right after it (gates multiply its output);
+    # the conv's own name where no BN follows it: the gate then multiplies the conv's output
     group: str  # coupling group: every conv of a group keeps the same output channels
     in_group: str | None  # group whose channels feed this conv (None = an input that is
     # never pruned: the image, or a stream of `FixedConv`s)
@@ -32,8 +33,11 @@ class FixedConv:
     (it has no BN of its own right after it to gate, like the stream convs of a pre-activation
     ResNet). Only its input channels are sliced, when `in_group` is pruned."""
 
-    conv: str  # qualified name of the nn.Conv2d (groups == 1)
+    conv: str  # qualified name of the nn.Conv2d (groups == 1 unless in_group is None)
     in_group: str | None  # group whose channels feed it (None = an input never pruned)
+    out_group: str | None = None  # a follower: its output channels are sliced with this
+    # group but never gated (a squeeze-and-excitation block's excitation conv, whose output
+    # scales the group's channels: a pruned channel's scale multiplies a zero)
 
 
 @dataclass(frozen=True)
@@ -70,13 +74,16 @@ class Branch:
 class ModelSpec:
     convs: tuple[PrunableConv, ...]  # forward order
     channel_maps: tuple[ChannelMap, ...]  # empty for models without option-A shortcuts
-    classifier: str  # the first nn.Linear (never pruned)
+    classifier: str  # the nn.Linear that reads a group (never pruned); "" where none does
     classifier_in_group: str | None  # the group feeding the classifier (None: never pruned)
     in_channels: int = 3  # channels of the image
     branches: tuple[Branch, ...] = ()  # removable residual branches (none for plain nets)
     # convs that are described but never pruned, forward order; the image feeds the first conv
     # with in_group None, looking at these first
     fixed: tuple[FixedConv, ...] = ()
+    # classifier inputs per channel of classifier_in_group: 1 after global pooling, H * W
+    # where the classifier reads a flattened (C, H, W) map (AlexNet, VGG: 7 * 7)
+    classifier_repeat: int = 1
 
     def groups(self) -> dict[str, list[PrunableConv]]:
         """Group name -> its convs, both in forward order (a group appears where it starts)."""

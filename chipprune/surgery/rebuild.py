@@ -18,9 +18,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from chipprune.models import ChannelSelect, PrunableNet, create_model
+from chipprune.models import PrunableNet, create_model
+from chipprune.models.slicing import slice_plan, slice_tensor
 from chipprune.surgery.masks import PRUNED_KWARGS
 
 
@@ -51,40 +52,6 @@ def _positions(group: str, new: list[int], source: list[int], device) -> Tensor:
             f"(out of range, or pruned already; it holds {len(source)} of this group)"
         )
     return torch.tensor([where[i] for i in new], dtype=torch.long, device=device)
-
-
-def _slice_plan(
-    model: PrunableNet, pos: Mapping[str, Tensor]
-) -> dict[str, tuple[Tensor | None, ...]]:
-    """state_dict key -> per-dim index (None = whole dim) for every tensor that is sliced."""
-    spec = model.describe()
-    plan: dict[str, tuple[Tensor | None, ...]] = {}
-    for c in spec.convs:
-        conv = model.get_submodule(c.conv)
-        out = pos[c.group]
-        if isinstance(conv, ChannelSelect):  # no weight: the kwargs' kept indices rebuild it
-            pass
-        elif c.in_group == c.group and conv.groups == conv.in_channels == conv.out_channels:
-            plan[f"{c.conv}.weight"] = (out,)  # depthwise (C, 1, k, k): channel i reads input i
-        elif conv.groups != 1:
-            raise ValueError(
-                f"{c.conv}: grouped convs are not supported, except depthwise ones "
-                "(groups == in_channels == out_channels, described with in_group == group)"
-            )
-        else:  # weight (Cout, Cin, k, k): the image input (in_group None) is never sliced
-            plan[f"{c.conv}.weight"] = (out, None if c.in_group is None else pos[c.in_group])
-        plan[f"{c.conv}.bias"] = (out,)
-        for k in ("weight", "bias", "running_mean", "running_var"):  # (C,) each
-            plan[f"{c.bn}.{k}"] = (out,)
-    for f in spec.fixed:  # outputs never pruned; the input channels of a pruned group go
-        if f.in_group is not None:
-            conv = model.get_submodule(f.conv)
-            assert isinstance(conv, nn.Conv2d) and conv.groups == 1, f.conv
-            plan[f"{f.conv}.weight"] = (None, pos[f.in_group])
-    # the classifier sees the pooled channels of its group: weight (classes, C)
-    if spec.classifier_in_group is not None:
-        plan[f"{spec.classifier}.weight"] = (None, pos[spec.classifier_in_group])
-    return plan
 
 
 def prune_model(
@@ -123,13 +90,10 @@ def prune_model(
 
     first = next(model.parameters())
     pos = {g: _positions(g, new_kept.get(g, source[g]), source[g], first.device) for g in source}
-    plan = _slice_plan(model, pos)
+    plan = slice_plan(model, pos)
     state = {}
     for key, t in model.state_dict().items():
-        for dim, idx in enumerate(plan.get(key, ())):
-            if idx is not None:
-                t = t.index_select(dim, idx)
-        state[key] = t  # not in the plan (num_batches_tracked, VGG's BatchNorm1d ...): as is
+        state[key] = slice_tensor(t, plan.get(key, ()))  # not in the plan (num_batches_tracked, VGG's BatchNorm1d ...): as is
 
     # the constructor checks kept against the dense widths and wires the channel maps
     new = create_model(model_name, **kwargs).to(device=first.device, dtype=first.dtype)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from chipprune import atomic
-from chipprune.models import create_model
+from chipprune.models import PrunableNet, create_model
 from chipprune.surgery.masks import PRUNED_KWARGS
 
 FORMAT = "chipprune.checkpoint/1"
@@ -82,3 +82,49 @@ def is_pruned(ckpt: dict[str, Any]) -> bool:
 def dense_kwargs(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The model kwargs of the checkpoint's dense architecture: the pruned widths dropped."""
     return {k: v for k, v in ckpt["model_kwargs"].items() if k not in PRUNED_KWARGS}
+
+
+def load_pretrained(model: PrunableNet, path: str | Path) -> dict[str, Any]:
+    """Start `model` (dense) from a local state dict: a torchvision-style `.pth`, one of our
+    checkpoints, or a dict holding one under "state_dict" or "model"; read with
+    weights_only=True. Keys are the network's own (a traced model's without its "net."
+    prefix). A tensor whose shape differs is left as initialised only in the classifier (another
+    class count) and the stem conv (another channel count); anywhere else, or a tensor the
+    file lacks, is an error. Returns what happened: loaded / reinitialised / unused keys."""
+    raw = load_file(path)
+    state = raw
+    if isinstance(raw, dict) and raw.get("format") == FORMAT:
+        state = raw["state_dict"]
+    elif isinstance(raw, dict) and isinstance(raw.get("state_dict", raw.get("model")), dict):
+        state = raw.get("state_dict", raw.get("model"))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
+    prefix = model.WEIGHTS_PREFIX
+    spec = model.describe()
+    may_differ = {f"{spec.classifier}.weight", f"{spec.classifier}.bias",
+                  f"{model._stem_conv()}.weight"}
+    own = model.state_dict()
+    loaded, reinit, missing, wrong = {}, [], [], []
+    for key, t in own.items():
+        theirs = state.get(key[len(prefix):] if key.startswith(prefix) else key)
+        if theirs is None:
+            if not key.endswith("num_batches_tracked"):
+                missing.append(key)
+        elif theirs.shape == t.shape:
+            loaded[key] = theirs
+        elif key in may_differ:
+            reinit.append(key)
+        else:
+            wrong.append(f"{key} {tuple(theirs.shape)} vs {tuple(t.shape)}")
+    if missing or wrong:
+        raise CheckpointError(
+            f"{path}: does not fit this model: "
+            + "; ".join(x for x in (
+                f"missing {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5
+                                            else "") if missing else "",
+                f"other shapes: {wrong[:5]}" if wrong else "") if x)
+        )
+    model.load_state_dict(loaded, strict=False)
+    used = {k[len(prefix):] if k.startswith(prefix) else k for k in own}
+    return {"loaded": len(loaded), "reinitialised": reinit,
+            "unused": sorted(k for k in state if k not in used)}
