@@ -68,7 +68,7 @@ def row(arch: str) -> dict:
     dense, _ = build_dense(arch, 10, 3, {})
 
     def describe():
-        return describe_graph(trace(dense), example, "")
+        return describe_graph(trace(dense), example, "").spec
 
     try:
         t_describe = median_time(describe)

@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.model}: {pretrained['loaded']} tensors from {m_cfg.weights}, "
               f"re-initialised {pretrained['reinitialised']}, "
               f"{len(pretrained['unused'])} unused", flush=True)
+    kept_whole = getattr(model, "kept_whole", {})  # a traced model: convs pins keep whole
+    if kept_whole:
+        print(f"{args.model}: {len(kept_whole)} convs keep every channel, e.g. "
+              + "; ".join(f"{k}: {v}" for k, v in list(kept_whole.items())[:3]), flush=True)
     model = model.to(device)
     train = DeviceData.from_split(data.splits["train"], meta, device)
     val = DeviceData.from_split(data.splits["val"], meta, device)
@@ -84,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         tracking.log_history(result.history[: result.resumed_from_epoch])
         final = result.kept_val_metrics()  # the last epoch's, or the best (`keep`)
         mlflow.log_metric("kept_epoch", result.kept_epoch)
+        if kept_whole:
+            mlflow.log_dict(kept_whole, "kept_whole.json")
         ckpt = make_checkpoint(
             model, m_cfg.arch, kwargs, config=config, data_meta=meta,
             history=result.history, metrics=final,

@@ -38,7 +38,7 @@ FAMILIES = {
     "mnasnet0_5": 32, "densenet121": 32, "googlenet": 32, "inception_v3": 96,
     "squeezenet1_1": 32, "shufflenet_v2_x0_5": 32,
 }  # fmt: skip
-REFUSED = {"convnext_tiny": "no conv left to prune"}  # LayerNorm and layer scale on every stream
+REFUSED = {"convnext_tiny": "no conv left to prune.*features.0.0: reaches permute"}  # LayerNorm and layer scale on every stream
 OWN = "nets.small_cnn:build"
 CLASSES = 5
 RTOL = 1e-5  # max |masked - pruned| per unit of max |logit|, float32
@@ -262,6 +262,12 @@ def test_the_users_own_cnn_is_described_exactly():
     }
     assert (spec.classifier, spec.classifier_in_group, spec.in_channels) == (
         "net.fc", "down.mix.0", 1)
+    assert create_model(OWN, num_classes=CLASSES).kept_whole == {
+        "block1.se.reduce": "block1.se.reduce reads a pooled 1x1 map (a squeeze)",
+        "down.wide.0": "reaches cat (node cat), which is not sliced",
+        "down.narrow.0": "reaches cat (node cat), which is not sliced",
+        "block2.se.reduce": "block2.se.reduce reads a pooled 1x1 map (a squeeze)",
+    }
 
 
 def test_the_users_own_cnn_prunes_exactly():
@@ -321,6 +327,7 @@ def test_pretrained_weights_load_with_a_new_classifier_and_stem(tmp_path):
     ("nets.small_cnn:__doc__", "is a str, not a callable"),
     ("torch:zeros", "returned a Tensor, not an nn.Module|rejected its arguments"),
     ("torch.nn:Linear", "rejected its arguments"),
+    ("tests.test_traced:not_a_module", "returned a list, not an nn.Module"),
     ("torchvision:convnext_tiny", "no conv left to prune"),
     ("tests.test_traced:untraceable", "torch.fx cannot trace"),
 ])
@@ -329,6 +336,10 @@ def test_bad_arch_is_a_params_error_naming_the_key(arch, message):
            "dense": {"datasets": ["d"], "models": ["m"]}}
     with pytest.raises(ConfigError, match=f"models.m: .*({message})"):
         parse_params(raw)
+
+
+def not_a_module(num_classes: int = 10) -> list:
+    return [num_classes]
 
 
 def untraceable(num_classes: int = 10) -> nn.Module:

@@ -117,6 +117,7 @@ class _Conv:
 class _Analysis:
     parent: list[int] = field(default_factory=list)
     pinned: set[int] = field(default_factory=set)
+    reasons: dict[int, str] = field(default_factory=dict)  # pinned root -> why, first reason
     convs: list[_Conv] = field(default_factory=list)
     values: dict[fx.Node, _Value | None] = field(default_factory=dict)
     kinds: dict[fx.Node, str] = field(default_factory=dict)  # for the scoring walk
@@ -139,11 +140,17 @@ class _Analysis:
             self.parent[max(ra, rb)] = min(ra, rb)
             if max(ra, rb) in self.pinned:
                 self.pinned.add(min(ra, rb))
+                self.reasons.setdefault(min(ra, rb), self.reasons.get(max(ra, rb), ""))
         return min(ra, rb)
 
-    def pin(self, value: _Value | None) -> None:
+    def pin(self, value: _Value | None, why: str = "") -> None:
         if value is not None and value.group is not None:
-            self.pinned.add(self.find(value.group))
+            self.pin_group(value.group, why)
+
+    def pin_group(self, group: int, why: str) -> None:
+        root = self.find(group)
+        self.pinned.add(root)
+        self.reasons.setdefault(root, why)
 
     def is_pinned(self, g: int | None) -> bool:
         return g is None or self.find(g) in self.pinned
@@ -152,6 +159,14 @@ class _Analysis:
 def _shape(node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _where(node: fx.Node) -> str:
+    """The node as a user reads it: the module's name, or the function or method called."""
+    if node.op == "call_module":
+        return str(node.target)
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{target} (node {node.name})"
 
 
 def _node_args(node: fx.Node) -> list[fx.Node]:
@@ -217,7 +232,7 @@ def _analyse(gm: fx.GraphModule) -> _Analysis:
             pass
         elif node.op == "output":
             for v in ins:
-                a.pin(v)  # the classifier's output is never pruned
+                a.pin(v, "reaches the network's output")  # never pruned
         elif kind == "conv":
             out = _conv(a, gm, node, ins[0], calls)
         elif kind == "bn":
@@ -226,7 +241,7 @@ def _analyse(gm: fx.GraphModule) -> _Analysis:
             if owner is not None and owner.bn == node.target:
                 out = _Value(x.group)  # the gate acts here: zero at pruned channels
             else:
-                a.pin(x)  # normalising channels away from their conv: not sliced
+                a.pin(x, f"normalised by {_where(node)} away from its conv")
         elif kind == "linear":
             x = ins[0]
             if x is not None and x.group is not None:
@@ -236,17 +251,17 @@ def _analyse(gm: fx.GraphModule) -> _Analysis:
                         and width and width * x.repeat == linear.in_features):
                     a.classifier = (node.target, x.group, x.repeat)
                 else:
-                    a.pin(x)
+                    a.pin(x, f"read by another linear layer, {_where(node)}")
         elif kind in ("act", "pass", "maxpool") and ins and ins[0] is not None:
             out = _Value(ins[0].group, ins[0].repeat, ins[0].zero)
             others = [v for v in ins[1:] if v is not None and v.group is not None]
             for v in others:  # a group in an extra argument: not modelled
-                a.pin(v)
+                a.pin(v, f"an extra argument of {_where(node)}")
             shape_in, shape_out = _shape(node.all_input_nodes[0]), _shape(node)
             if ins[0].group is not None and (
                 shape_out is None or shape_in is None or shape_out[:2] != shape_in[:2]
             ):
-                a.pin(ins[0])  # a reduction over channels
+                a.pin(ins[0], f"reduced over channels by {_where(node)}")
                 out = _Value(None) if is_tensor else None
         elif kind == "nonzero" and ins and ins[0] is not None:
             out = _Value(ins[0].group, ins[0].repeat, zero=False)
@@ -258,7 +273,7 @@ def _analyse(gm: fx.GraphModule) -> _Analysis:
             pass  # x.size(), x.shape: no channel value flows
         else:
             for v in ins:
-                a.pin(v)
+                a.pin(v, f"reaches {_where(node)}, which is not sliced")
         a.values[node] = out
     return a
 
@@ -270,7 +285,8 @@ def _conv(a: _Analysis, gm: fx.GraphModule, node: fx.Node, x: _Value, calls) -> 
         a.stem = name
     depthwise = m.groups == m.in_channels == m.out_channels and m.groups > 1
     if calls[name] > 1 or (m.groups != 1 and not (depthwise and x.group is not None)):
-        a.pin(x)  # a shared conv, a grouped conv: channels kept whole on both sides
+        why = "a conv used twice" if calls[name] > 1 else "a grouped conv"
+        a.pin(x, f"read by {why}, {name}")  # channels kept whole on both sides
         a.convs.append(_Conv(name, node, "fixed", None, None))
         return _Value(None)
     users = list(node.users)
@@ -283,7 +299,8 @@ def _conv(a: _Analysis, gm: fx.GraphModule, node: fx.Node, x: _Value, calls) -> 
         a.convs.append(_Conv(name, node, "depthwise", x.group, x.group, bn))
         return _Value(x.group, zero=bn is None)
     if x.group is not None and (not x.zero or x.repeat != 1):
-        a.pin(x)  # its input is not zero at a pruned channel: it may not drop one
+        # its input is not zero at a pruned channel: it may not drop one
+        a.pin(x, f"read by {name} after an op that maps zero elsewhere (a sigmoid, a + c)")
     shape_in = _shape(node.args[0])
     squeeze = shape_in is not None and len(shape_in) == 4 and shape_in[2] * shape_in[3] == 1
     group = a.new_group()
@@ -299,12 +316,12 @@ def _binary(a: _Analysis, node: fx.Node, kind: str, ins: list[_Value | None]) ->
         (v,) = tensors
         constant = [arg for arg in node.args if not isinstance(arg, fx.Node)]
         if not constant and len(node.all_input_nodes) > 1:  # a non-tensor node (a size)
-            a.pin(v)
+            a.pin(v, f"combined with a non-tensor value by {_where(node)}")
             return _Value(None)
         return _Value(v.group, v.repeat, zero=v.zero and kind == "mul")
     if len(tensors) != 2:
         for v in tensors:
-            a.pin(v)
+            a.pin(v, f"one of several operands of {_where(node)}")
         return _Value(None)
     (x, y), (nx, ny) = tensors, node.all_input_nodes[:2]
     if x.group is None and y.group is None:
@@ -312,8 +329,11 @@ def _binary(a: _Analysis, node: fx.Node, kind: str, ins: list[_Value | None]) ->
     sx, sy = _shape(nx), _shape(ny)
     if (x.group is None or y.group is None or x.repeat != 1 or y.repeat != 1 or sx is None
             or sy is None or len(sx) != 4 or len(sy) != 4 or sx[1] != sy[1]):
-        a.pin(x)  # a per-channel constant (a layer scale), or shapes we do not model
-        a.pin(y)
+        why = (f"combined at {_where(node)} with channels kept whole"
+               if (x.group is None) != (y.group is None) else
+               f"{_where(node)} with a per-channel constant (a layer scale) or another shape")
+        a.pin(x, why)
+        a.pin(y, why)
         return _Value(None)
     if kind == "mul" and (sx[2] * sx[3] == 1) != (sy[2] * sy[3] == 1):
         scale = x if sx[2] * sx[3] == 1 else y  # (N, C, 1, 1) scaling a (N, C, H, W) map
@@ -321,8 +341,9 @@ def _binary(a: _Analysis, node: fx.Node, kind: str, ins: list[_Value | None]) ->
         for c in a.convs:
             if c.kind == "member" and c.group is not None and a.find(c.group) == root:
                 if c.bn is not None:
-                    a.pin(x)
-                    a.pin(y)
+                    why = f"scaled at {_where(node)} by a conv with a BN ({c.name})"
+                    a.pin(x, why)
+                    a.pin(y, why)
                     return _Value(None)
                 c.kind = "follower"
     group = a.union(x.group, y.group)
@@ -340,7 +361,7 @@ def _flatten(a: _Analysis, node: fx.Node, ins: list[_Value | None]) -> _Value | 
     if (s_in is not None and s_out is not None and len(s_in) == 4 and len(s_out) == 2
             and x.repeat == 1 and s_out[0] == s_in[0] and s_out[1] == s_in[1] * s_in[2] * s_in[3]):
         return _Value(x.group, s_in[2] * s_in[3], x.zero)  # channel-major: (C, H, W) -> C*H*W
-    a.pin(x)
+    a.pin(x, f"reshaped by {_where(node)} other than a flatten of (C, H, W)")
     return _Value(None)
 
 
@@ -367,12 +388,18 @@ def _score_node(a: _Analysis, gate: fx.Node) -> fx.Node:
     return cur
 
 
-def describe_graph(
-    gm: fx.GraphModule, example: torch.Tensor, prefix: str
-) -> tuple[ModelSpec, str]:
-    """The description of the traced network and its stem conv (the one the image feeds),
-    with scoring taps (nn.Identity) inserted into `gm`; names in the description are
-    qualified with `prefix` (the GraphModule's name in its parent)."""
+@dataclass(frozen=True)
+class Described:
+    spec: ModelSpec
+    stem: str  # the conv the image feeds
+    kept_whole: dict[str, str]  # conv -> why its channels are pinned (convs that are not
+    # followers, grouped or shared, whose group reaches something that cannot be sliced)
+
+
+def describe_graph(gm: fx.GraphModule, example: torch.Tensor, prefix: str) -> Described:
+    """The description of the traced network, with scoring taps (nn.Identity) inserted into
+    `gm`; names in the description are qualified with `prefix` (the GraphModule's name in
+    its parent), those of `stem` and `kept_whole` are not."""
     was_training = gm.training
     gm.eval()  # eval-mode BN: a one-image probe is fine, no statistic changes
     try:
@@ -389,14 +416,18 @@ def describe_graph(
     a = _analyse(gm)
     for c in a.convs:  # a gated conv reading a pooled 1x1 map (an SE block's squeeze) has
         if c.kind == "member" and c.squeeze:  # no map for CHIP to score: kept whole
-            a.pinned.add(a.find(c.group))
+            a.pin_group(c.group, f"{c.name} reads a pooled 1x1 map (a squeeze)")
     if a.stem is None:
         raise TraceError("no nn.Conv2d reads the image")
     live = [c for c in a.convs if c.kind in ("member", "depthwise") and not a.is_pinned(c.group)]
+    kept_whole = {c.name: a.reasons.get(a.find(c.group), "")
+                  for c in a.convs if c.kind in ("member", "depthwise") and c not in live}
     if not live:
+        first = "; ".join(f"{k}: {v}" for k, v in list(kept_whole.items())[:3])
         raise TraceError(
             "no conv left to prune: every conv's channels reach something kept whole "
-            "(a concat, a grouped conv, a normalisation or scale away from its conv, the output)"
+            f"(a concat, a grouped conv, a normalisation or scale away from its conv, the "
+            f"output), e.g. {first}"
         )
     # group names: the first conv of each group, in forward order
     names: dict[int, str] = {}
@@ -436,9 +467,10 @@ def describe_graph(
         name, g, repeat = a.classifier
         classifier, classifier_group = prefix + name, group_of(g)
         repeat = repeat if classifier_group is not None else 1
-    return ModelSpec(
+    spec = ModelSpec(
         convs=tuple(convs), channel_maps=(), classifier=classifier,
         classifier_in_group=classifier_group, in_channels=int(example.shape[1]),
         fixed=tuple(fixed), classifier_repeat=repeat,
-    ), a.stem
+    )
+    return Described(spec, a.stem, kept_whole)
 

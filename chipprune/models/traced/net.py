@@ -51,11 +51,13 @@ class TracedNet(PrunableNet):
         example = torch.zeros(1, in_channels, probe_size, probe_size)
         try:
             self.net = trace(dense)
-            self._spec: ModelSpec
-            self._spec, stem = describe_graph(self.net, example, f"{NET}.")
+            described = describe_graph(self.net, example, f"{NET}.")
         except TraceError as e:
             raise TraceError(f"arch {arch!r}: {e}") from None
-        self._stem = f"{NET}.{stem}"
+        self._spec: ModelSpec = described.spec
+        self._stem = f"{NET}.{described.stem}"
+        # conv -> why it keeps every channel (its group reaches a concat, a grouped conv ...)
+        self.kept_whole = described.kept_whole
         if widths or kept:
             self._prune_in_place(widths, kept)
 
