@@ -39,6 +39,12 @@ MORE = [
      "teacher and student are the same"),
     ("transfer.pairs.digits-to-even.protocol", "finetune",
      "transfer.pairs.digits-to-even.protocol", "'scratch'"),
+    ("models.resnet20.arch", "torchvision:resnet_nine", "models.resnet20",
+     "torchvision has no classification model 'resnet_nine'"),
+    ("models.resnet20.arch", "nets.small_cnn:nothing", "models.resnet20",
+     "module 'nets.small_cnn' has no attribute 'nothing'"),
+    ("models.resnet20.weights", "nets/no-such-weights.pt", "models.resnet20",
+     "'nets/no-such-weights.pt' is not a file"),
 ]
 CASES = BAD + MORE
 

@@ -378,3 +378,54 @@ def test_nets_folder_is_a_dependency_of_every_stage_that_builds_a_model():
     for k in builders:
         deps = stages[k].get("deps") or stages[k]["do"]["deps"]
         assert "nets" in deps, k
+
+
+def test_train_dense_starts_from_pretrained_weights(tmp_path, mlflow_store, monkeypatch, capsys):
+    """The stage loads `models.<name>.weights` before training (at lr 1e-12 the trained
+    conv is the file's), records the file's sha256 in the run; a file that does not fit is
+    exit 2 naming the tensor, with no output written."""
+    import json
+
+    import torchvision
+    import yaml
+
+    from chipprune.data import prepare_dataset, save_prepared
+    from stages import train_dense
+    from stages._common import run_main
+
+    monkeypatch.chdir(tmp_path)
+    spec = {"channels": 3, "classes": CLASSES, "train": 16, "test": 4}
+    save_prepared(prepare_dataset("synthetic", image_size=32, val_size=4, synthetic=spec),
+                  tmp_path / "data")
+    torch.manual_seed(0)
+    source = torchvision.models.resnet18(num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["datasets"] = {"syn": {"source": "synthetic", "synthetic": spec, "image_size": 32,
+                                  "val_size": 4}}
+    params["models"] = {"tv": {"arch": "torchvision:resnet18", "weights": "resnet18.pth"}}
+    params["dense"] = {"datasets": ["syn"], "models": ["tv"]}
+    params["train_dense"].update(epochs=1, batch_size=8, device="cpu",
+                                 optimizer={"lr": 1e-12, "momentum": 0.0, "weight_decay": 0.0})
+    params["train_dense"]["schedule"] = {"kind": "cosine"}
+    for key in ("prune", "chip_rates", "transfer"):
+        params.pop(key, None)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    rc = run_main(train_dense.main, ["syn", "tv", "data", "out", "--params", "params.yaml"])
+    assert rc == 0, capsys.readouterr().err
+    n = len(source.state_dict()) - 2  # all but the classifier (5 classes, not 1000)
+    assert (f"tv: {n} tensors from resnet18.pth, re-initialised ['net.fc.weight', "
+            "'net.fc.bias'], 0 unused") in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "out/checkpoint.pt", weights_only=True)
+    w = ckpt["state_dict"]["net.layer1.0.conv1.weight"]
+    assert torch.allclose(w, source.layer1[0].conv1.weight.detach(), atol=1e-6)
+    assert len(ckpt["config"]["model"]["weights_sha256"]) == 64
+    assert json.loads((tmp_path / "out/mlflow_run.json").read_text())["run_id"]
+
+    bad = source.state_dict()
+    bad["layer2.0.conv1.weight"] = bad["layer2.0.conv1.weight"][:5]
+    torch.save(bad, tmp_path / "resnet18.pth")
+    rc = run_main(train_dense.main, ["syn", "tv", "data", "out2", "--params", "params.yaml"])
+    assert rc == 2
+    assert "layer2.0.conv1.weight" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
