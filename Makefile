@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test lint docs bench plots-screenshot clean-runs
+.PHONY: setup run test lint docs bench peers plots-screenshot clean-runs
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,12 @@ bench: setup
 	python bench/ddp_scaling.py
 	python bench/chipnet_overhead.py
 	python bench/chip_ci.py
+
+# our methods beside Torch-Pruning's criteria: recipes/digits-peers.yaml as the DVC
+# experiment digits-peers (params.yaml becomes the recipe; the old one is kept in .chipprune/)
+peers: setup
+	python -m pipelines.recipe recipes/digits-peers.yaml
+	@cat results/report.txt
 
 clean-runs:
 	rm -rf runs data/prepared .chipprune mlflow.db mlartifacts

@@ -289,12 +289,18 @@ def parse_budget_label(label: str) -> tuple[str, float]:
     return kind, value
 
 
+# baseline_masks' methods: ours, and Torch-Pruning's criteria (chipprune.methods.peers)
+BaselineName = Literal["random", "l1", "uniform", "tp_magnitude", "tp_taylor", "tp_bn_scale"]
+MethodName = Literal["chipnet", "chip", "random", "l1", "uniform", "tp_magnitude", "tp_taylor",
+                     "tp_bn_scale"]
+
+
 class PruneGrid(Strict):
     """The pruning grid dvc.yaml expands: methods x budgets x datasets x models."""
 
     # Every method fine-tuned and evaluated; `baselines` are those made by baseline_masks.
-    methods: list[Literal["chipnet", "chip", "random", "l1", "uniform"]] = Field(min_length=1)
-    baselines: list[Literal["random", "l1", "uniform"]] = []
+    methods: list[MethodName] = Field(min_length=1)
+    baselines: list[BaselineName] = []
     datasets: list[str] = Field(min_length=1)
     models: list[str] = Field(min_length=1)
     # TYPE-TARGET each, e.g. [flops-0.5, flops-0.125, latency-0.5]: a list, not types x
@@ -338,7 +344,11 @@ class ChipConfig(Strict):
 
 
 class BaselinesConfig(Strict):
-    seed: int = 0  # of the random baseline
+    seed: int = 0  # of the random baseline, and of tp_taylor's sample of training images
+    # tp_taylor: |w * dL/dw| with the gradients summed over this many batches of training
+    # images (no augmentation, eval-mode BN)
+    taylor_batches: int = Field(4, ge=1)
+    taylor_batch_size: int = Field(64, ge=1)
 
 
 class LearnMasksConfig(Strict):
@@ -379,7 +389,7 @@ class LearnMasksConfig(Strict):
 class TransferPair(Strict):
     """Masks a method learned on `teacher` applied to the same architecture on `student`."""
 
-    method: Literal["chipnet", "chip", "random", "l1", "uniform"]
+    method: MethodName
     budget: str  # TYPE-TARGET, one of prune.budgets: the teacher's masks come from the grid
 
     @field_validator("budget")

@@ -1,4 +1,5 @@
-"""DVC stage `baseline_masks`: one baseline's masks (random, L1-norm or uniform) for the whole
+"""DVC stage `baseline_masks`: one baseline's masks (random, L1-norm, uniform, or one of
+Torch-Pruning's criteria: tp_magnitude, tp_taylor, tp_bn_scale) for the whole
 pruning grid, prune.budgets x prune.datasets x prune.models, through the same thresholding
 as every method. One stage per baseline, not per budget: a mask costs milliseconds, a stage
 process seconds (torch and MLflow imports).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from chipprune.budgets.latency_table import TABLE_ROOT, latency_budget_doc
 from chipprune.budgets.thresholding import keep_at_budget
@@ -47,10 +49,14 @@ def main(argv: list[str] | None = None) -> None:
 
     name = f"baseline_masks@{args.method}"
     config = {"method": args.method, "budgets": grid.budgets, "datasets": grid.datasets,
-              "models": grid.models, "round_to": grid.round_to, "seed": seed}
+              "models": grid.models, "round_to": grid.round_to,
+              **params.baselines.model_dump()}
     with atomic_dir(args.out_dir) as tmp, tracking.stage_run(name, config, tmp / "mlflow_run.json"):
         import mlflow
 
+        if args.method == "tp_taylor":  # gradients once per dense model, before any mask
+            for p in {id(p.model): p for p in points}.values():
+                taylor_gradients(p.model, Path(args.data_root) / p.dataset, params.baselines)
         for p in points:
             result = keep_at_budget(baseline_scores(args.method, p.model, seed), p.budget, p.kind,
                                     p.target, round_to=grid.round_to)
@@ -65,6 +71,26 @@ def main(argv: list[str] | None = None) -> None:
             mlflow.log_artifact(str(tmp / p.name / "masks.json"), artifact_path=p.name)
             mlflow.log_metric(f"achieved_budget/{p.name}", result.achieved)
             print(f"{name}: {p.name} budget {result.achieved:.4f} (target {p.target})", flush=True)
+
+
+def taylor_gradients(model, data_dir: Path, cfg) -> None:
+    """Fill model's .grad with the cross-entropy gradients summed over `taylor_batches` seeded
+    batches of training images (on CUDA where there is one; the scores come back to the CPU)."""
+    import torch
+
+    from chipprune.data import load_prepared
+    from chipprune.methods.peers import accumulate_gradients
+    from chipprune.training.loop import DeviceData, resolve_device
+
+    device = resolve_device("auto")
+    data = load_prepared(data_dir, splits=("train",))
+    train = DeviceData.from_split(data.splits["train"], data.meta, device)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+    batches = [order[i * cfg.taylor_batch_size:(i + 1) * cfg.taylor_batch_size].to(device)
+               for i in range(cfg.taylor_batches)]
+    model.to(device)
+    accumulate_gradients(model, ((train.images[i], train.labels[i]) for i in batches if len(i)),
+                         train.normalise)
 
 
 if __name__ == "__main__":

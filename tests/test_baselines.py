@@ -8,6 +8,7 @@ import torch
 from chipprune.budgets.exact import COUNT_TYPES, BudgetModel
 from chipprune.budgets.thresholding import keep_at_budget
 from chipprune.methods.baselines import BASELINES, baseline_scores, l1_scores, uniform_scores
+from chipprune.methods.peers import accumulate_gradients
 from chipprune.models import create_model
 
 
@@ -15,6 +16,11 @@ from chipprune.models import create_model
 def resnet56():
     torch.manual_seed(0)
     model = create_model("resnet56")
+    for m in model.modules():  # BN scales as training leaves them, not all 1 (tp_bn_scale)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.2, 1.5)
+    batch = (torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8))
+    accumulate_gradients(model, [batch], lambda x: x.float() / 255 - 0.5)  # for tp_taylor
     return model, BudgetModel.from_model(model, (3, 32, 32))
 
 

@@ -30,7 +30,7 @@ def _local(recipe, root):
 def test_there_is_a_recipe_per_published_grid():
     assert {r.stem for r in RECIPES} == {
         "chipnet-cifar", "chipnet-cifar-preresnet", "chip-cifar10", "chip-imagenet",
-        "transfer-cifar100-to-cifar10", "digits-full", "digits-own-cnn",
+        "transfer-cifar100-to-cifar10", "digits-full", "digits-own-cnn", "digits-peers",
     }
 
 
@@ -213,7 +213,8 @@ def test_smoke_params_keep_the_recipe_but_shrink_data_and_schedule():
 # seconds alone here, for the order pytest-xdist hands the runs out in (heaviest first)
 SMOKE_COST = {"chipnet-cifar": 200, "chip-cifar10": 155, "chip-imagenet": 105,  # seconds,
               "chipnet-cifar-preresnet": 90, "transfer-cifar100-to-cifar10": 55,  # measured
-              "digits-full": 55, "digits-own-cnn": 70}                       # with export
+              "digits-full": 55, "digits-own-cnn": 70,
+              "digits-peers": 60}                       # with export
 
 
 @pytest.mark.parametrize("recipe", [

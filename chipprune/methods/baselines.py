@@ -7,15 +7,18 @@ method (so they meet the same budget, from above):
   on relative importance in the global rank.
 - uniform: the same keep-rate in every layer (channels by L1 within each layer): a score
   of 1 - rank/C per group makes one global threshold keep the same fraction everywhere.
+- tp_magnitude, tp_taylor, tp_bn_scale: Torch-Pruning's criteria (chipprune.methods.peers).
 """
 
 from __future__ import annotations
 
 import torch
 
+from chipprune.methods.peers import PEER_CRITERIA, tp_scores
 from chipprune.models import ChannelSelect, PrunableConv, PrunableNet
 
-BASELINES = ("random", "l1", "uniform")
+OWN_BASELINES = ("random", "l1", "uniform")
+BASELINES = (*OWN_BASELINES, *PEER_CRITERIA)  # and Torch-Pruning's criteria (peers.py)
 
 
 def random_scores(widths: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
@@ -61,4 +64,6 @@ def baseline_scores(method: str, model: PrunableNet, seed: int = 0) -> dict[str,
         return l1_scores(model)
     if method == "uniform":
         return uniform_scores(l1_scores(model))
+    if method in PEER_CRITERIA:  # tp_taylor: the caller has filled the weights' .grad
+        return tp_scores(model, method)
     raise ValueError(f"unknown baseline {method!r}; allowed: {', '.join(BASELINES)}")
