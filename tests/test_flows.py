@@ -67,7 +67,7 @@ def repo(tmp_path_factory, prefect_harness):
     """A git+DVC repo holding the project's pipeline with 1-2 epoch params; MLflow in a
     sqlite store of its own."""
     root = tmp_path_factory.mktemp("flow-repo")
-    for name in ("chipprune", "stages", "pipelines"):
+    for name in ("chipprune", "stages", "pipelines", "nets"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)

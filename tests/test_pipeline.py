@@ -31,7 +31,7 @@ def _run(cmd, cwd, env, timeout=600):
 def repo(tmp_path_factory):
     """A git+DVC repo holding the project's pipeline with a 1-epoch params.yaml."""
     root = tmp_path_factory.mktemp("pipeline")
-    for name in ("chipprune", "stages", "pipelines"):
+    for name in ("chipprune", "stages", "pipelines", "nets"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -247,9 +247,11 @@ def test_every_recipe_passes_its_smoke_run(recipe, tmp_path):
         assert meta["image_shape"] == [channels, side, side] and meta["num_classes"] == classes
     report = pd.read_csv(work / "results/report.csv", keep_default_na=False)
     got = {(r.method, r.dataset, r.model) for r in report.itertuples() if not r.teacher}
-    want = {(m, d, mo) for m in p.prune.methods for d in p.prune.datasets for mo in p.prune.models}
-    want |= {("dense", d, mo) for d in p.dense.datasets for mo in p.dense.models}
-    assert got == want | {("chip", rc.dataset, rc.model) for rc in p.chip_rates.values()}
+    arch = {name: m.arch for name, m in p.models.items()}  # the report names architectures
+    want = {(m, d, arch[mo]) for m in p.prune.methods for d in p.prune.datasets
+            for mo in p.prune.models}
+    want |= {("dense", d, arch[mo]) for d in p.dense.datasets for mo in p.dense.models}
+    assert got == want | {("chip", rc.dataset, arch[rc.model]) for rc in p.chip_rates.values()}
     rates = {r.budget_type.removeprefix("rates:"): r for r in report.itertuples()
              if r.budget_type.startswith("rates:")}
     assert set(rates) == set(p.chip_rates)  # every rate config evaluated and reported
