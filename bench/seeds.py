@@ -1,7 +1,8 @@
-"""ChipNet, CHIP and the baselines against random masks over several seeds, at given budgets,
+"""ChipNet, CHIP, the baselines and Torch-Pruning's criteria (tp_magnitude, tp_taylor,
+tp_bn_scale: peers, fine-tuned with the baselines' recipe) over several seeds, at given budgets,
 through the real stage code (each stage's main, in process), from the pipeline's dense
 checkpoint. Prints test top-1 as mean and spread per method and budget, and each method's
-paired difference to random (same seed, same fine-tuning draws).
+paired difference to random and to the best peer (same seed, same fine-tuning draws).
 
     python bench/seeds.py [--budgets flops-0.125 params-0.125] [--seeds 0 1 2]
                           [--methods chipnet chip random] [--dataset digits] [--model resnet20]
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from chipprune.methods.baselines import BASELINES
+from chipprune.methods.peers import PEER_CRITERIA
 from stages import baseline_masks, evaluate, finetune, learn_masks, score_channels, select_channels
 
 
@@ -54,9 +57,13 @@ def main() -> None:
     for seed in args.seeds:
         params = json.loads(json.dumps(base))  # deep copy, anchors resolved
         params["learn_masks"]["seed"] = params["baselines"]["seed"] = params["chip"]["seed"] = seed
+        for _, _, method, _ in methods:  # a peer without a recipe: the baselines' (l1's)
+            params["finetune"].setdefault(method, dict(params["finetune"]["l1"]))
         for recipe in params["finetune"].values():
             recipe["seed"] = seed
-        params["prune"].update(budgets=args.budgets, datasets=[args.dataset], models=[args.model])
+        listed = list(dict.fromkeys(m for _, _, m, _ in methods))
+        params["prune"].update(budgets=args.budgets, datasets=[args.dataset], models=[args.model],
+                               methods=listed, baselines=[m for m in listed if m in BASELINES])
         params["transfer"]["pairs"] = {}
         point = f"{args.dataset}-{args.model}"
         masks_root = {}  # label -> folder of <budget>-<dataset>-<model>/ mask folders
@@ -89,13 +96,28 @@ def main() -> None:
 
     print(f"\n{args.model} on {args.dataset}, seeds {args.seeds}")
     print(f"{'method':<18}{'budget':<14}{'top-1 mean':>11}{'stdev':>8}{'min':>8}{'max':>8}"
-          f"{'vs random':>11}  runs")
+          f"{'vs random':>11}{'vs best peer':>14}  runs")
     for (method, budget), v in sorted(top1.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         sd = statistics.stdev(v) if len(v) > 1 else 0.0
-        ref = top1.get(("random", budget))
-        paired = f"{statistics.mean(a - b for a, b in zip(v, ref, strict=True)):+.4f}" if ref else "-"
+        # the best of Torch-Pruning's criteria at this budget (by mean), where any ran
+        peers = [(statistics.mean(top1[m, budget]), m) for m in PEER_CRITERIA
+                 if (m, budget) in top1]
+        best = max(peers)[1] if peers else None
         print(f"{method:<18}{budget:<14}{statistics.mean(v):>11.4f}{sd:>8.4f}{min(v):>8.4f}"
-              f"{max(v):>8.4f}{paired:>11}  {', '.join(f'{x:.4f}' for x in v)}")
+              f"{max(v):>8.4f}{paired(v, top1.get(('random', budget))):>11}"
+              f"{paired(v, top1.get((best, budget))):>14}  {', '.join(f'{x:.4f}' for x in v)}")
+    if peers:
+        print("vs best peer: paired (same seed) difference to the Torch-Pruning criterion with "
+              "the highest mean at that budget, with its stdev over seeds")
+
+
+def paired(v: list[float], ref: list[float] | None) -> str:
+    """mean (stdev) of v - ref, seed by seed; '-' without a reference."""
+    if not ref:
+        return "-"
+    d = [a - b for a, b in zip(v, ref, strict=True)]
+    sd = statistics.stdev(d) if len(d) > 1 else 0.0
+    return f"{statistics.mean(d):+.4f}({sd:.3f})"
 
 
 if __name__ == "__main__":
