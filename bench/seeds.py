@@ -96,7 +96,7 @@ def main() -> None:
 
     print(f"\n{args.model} on {args.dataset}, seeds {args.seeds}")
     print(f"{'method':<18}{'budget':<14}{'top-1 mean':>11}{'stdev':>8}{'min':>8}{'max':>8}"
-          f"{'vs random':>11}{'vs best peer':>14}  runs")
+          f"{'vs random':>17}{'vs best peer':>17}  runs")
     for (method, budget), v in sorted(top1.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         sd = statistics.stdev(v) if len(v) > 1 else 0.0
         # the best of Torch-Pruning's criteria at this budget (by mean), where any ran
@@ -104,8 +104,8 @@ def main() -> None:
                  if (m, budget) in top1]
         best = max(peers)[1] if peers else None
         print(f"{method:<18}{budget:<14}{statistics.mean(v):>11.4f}{sd:>8.4f}{min(v):>8.4f}"
-              f"{max(v):>8.4f}{paired(v, top1.get(('random', budget))):>11}"
-              f"{paired(v, top1.get((best, budget))):>14}  {', '.join(f'{x:.4f}' for x in v)}")
+              f"{max(v):>8.4f}{paired(v, top1.get(('random', budget))):>17}"
+              f"{paired(v, top1.get((best, budget))):>17}  {', '.join(f'{x:.4f}' for x in v)}")
     if peers:
         print("vs best peer: paired (same seed) difference to the Torch-Pruning criterion with "
               "the highest mean at that budget, with its stdev over seeds")
