@@ -65,6 +65,7 @@ def main() -> None:
         params["prune"].update(budgets=args.budgets, datasets=[args.dataset], models=[args.model],
                                methods=listed, baselines=[m for m in listed if m in BASELINES])
         params["transfer"]["pairs"] = {}
+        params["chip_rates"] = {}  # not run here; its check needs chip among the methods
         point = f"{args.dataset}-{args.model}"
         masks_root = {}  # label -> folder of <budget>-<dataset>-<model>/ mask folders
         for label, slug, method, combine in methods:
