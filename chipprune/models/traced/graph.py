@@ -20,6 +20,7 @@ group, never gated.
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, field
 
@@ -55,13 +56,13 @@ MUL_METHODS = {"mul", "mul_"}
 FLATTEN_FUNCTIONS = {torch.flatten}
 FLATTEN_METHODS = {"flatten", "view", "reshape"}
 SHAPE_METHODS = {"size", "dim"}  # read the shape only: no channel value flows through
-LEAF_TYPES: tuple[type, ...] = ()  # parameter-free modules traced as calls (see Tracer)
 
 
 class TraceError(ValueError):
     """A network torch.fx cannot trace, or one with no conv left to prune."""
 
 
+@functools.cache
 def _leaf_types() -> tuple[type, ...]:
     # torchvision's stochastic depth reads self.training inside its forward: traced through,
     # the flag would be frozen at trace time, so it stays a call
@@ -169,10 +170,6 @@ def _where(node: fx.Node) -> str:
     return f"{target} (node {node.name})"
 
 
-def _node_args(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes]
-
-
 def _category(node: fx.Node, gm: fx.GraphModule) -> str:
     """What the node does to channels: act, pass, nonzero, add, mul, flatten, shape,
     conv, bn, linear, module (other parameterised module) or other."""
@@ -225,7 +222,7 @@ def _analyse(gm: fx.GraphModule) -> _Analysis:
     for node in gm.graph.nodes:
         kind = _category(node, gm) if node.op != "placeholder" else "input"
         a.kinds[node] = kind
-        ins = [a.values.get(n) for n in _node_args(node)]
+        ins = [a.values.get(n) for n in node.all_input_nodes]
         is_tensor = _shape(node) is not None
         out: _Value | None = _Value(None) if is_tensor else None
         if node.op in ("placeholder", "get_attr"):
@@ -245,10 +242,9 @@ def _analyse(gm: fx.GraphModule) -> _Analysis:
         elif kind == "linear":
             x = ins[0]
             if x is not None and x.group is not None:
-                linear = gm.get_submodule(node.target)
-                width = None if x.repeat == 0 else linear.in_features // x.repeat
-                if (a.classifier is None and x.zero and calls[node.target] == 1
-                        and width and width * x.repeat == linear.in_features):
+                # the first linear reader of zero-at-pruned values, called once (a flatten
+                # already checked its inputs are channel-major blocks of `repeat`)
+                if a.classifier is None and x.zero and calls[node.target] == 1:
                     a.classifier = (node.target, x.group, x.repeat)
                 else:
                     a.pin(x, f"read by another linear layer, {_where(node)}")
