@@ -23,7 +23,8 @@ from chipprune.data import prepare_dataset
 from chipprune.methods.chipnet import ChipNetHooks, adamw
 from chipprune.methods.gates import ChannelGates
 from chipprune.models import create_model
-from chipprune.training.loop import DeviceData, fit, resolve_device, seed_everything
+from chipprune.training.loop import fit, resolve_device, seed_everything
+from chipprune.training.sources import DeviceData
 
 
 def sync(device):

@@ -41,7 +41,8 @@ from chipprune.config import (  # noqa: E402
 from chipprune.data import Split, prepare_dataset  # noqa: E402
 from chipprune.models import create_model  # noqa: E402
 from chipprune.training import distributed  # noqa: E402
-from chipprune.training.loop import DeviceData, fit, resolve_device, seed_everything  # noqa: E402
+from chipprune.training.loop import fit, resolve_device, seed_everything  # noqa: E402
+from chipprune.training.sources import DeviceData
 
 
 def sync(device: torch.device) -> None:

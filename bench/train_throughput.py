@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from chipprune.config import AugmentConfig, ScheduleConfig, TrainConfig
 from chipprune.data import Split, prepare_dataset
 from chipprune.models import create_model
-from chipprune.training.loop import DeviceData, fit, resolve_device, seed_everything, sgd
+from chipprune.training.loop import fit, resolve_device, seed_everything, sgd
+from chipprune.training.sources import DeviceData
 
 
 def sync(device: torch.device) -> None:

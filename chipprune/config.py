@@ -14,8 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from chipprune.budgets.rates import parse_rates, rates_to_widths
 
-DATASET_SOURCES = ("digits", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic")
-NEEDS_ROOT = ("cifar10", "cifar100", "svhn", "imagefolder")
+DATASET_SOURCES = ("digits", "cifar10", "cifar100", "svhn", "imagefolder", "imagenet",
+                   "tiny_imagenet", "synthetic")
+NEEDS_ROOT = ("cifar10", "cifar100", "svhn", "imagefolder", "imagenet", "tiny_imagenet")
+FILE_SOURCES = ("imagefolder", "imagenet", "tiny_imagenet")  # encoded image files
 
 
 class ConfigError(ValueError):
@@ -41,7 +43,8 @@ class SyntheticConfig(Strict):
 
 
 class DatasetConfig(Strict):
-    source: Literal["digits", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic"]
+    source: Literal["digits", "cifar10", "cifar100", "svhn", "imagefolder", "imagenet",
+                    "tiny_imagenet", "synthetic"]
     root: str | None = None
     download: bool = False
     classes: list[int] | None = None
@@ -50,6 +53,15 @@ class DatasetConfig(Strict):
     image_size: int | None = Field(None, ge=4, le=1024)
     augment: AugmentConfig = AugmentConfig()
     synthetic: SyntheticConfig | None = None  # source synthetic only
+    # memory: uint8 tensors held whole; shards: tar shards of encoded images streamed by
+    # loader workers (ImageNet's augmentation); auto: shards where the decoded images would
+    # exceed memory_limit_gb
+    storage: Literal["memory", "shards", "auto"] = "auto"
+    memory_limit_gb: float = Field(8.0, gt=0)
+    shard_side: int | None = Field(None, ge=8)  # shards: re-encode where the short side is longer
+    shard_size: int = Field(1000, ge=1)  # images per shard
+    workers: int = Field(2, ge=1, le=256)  # processes that decode and encode while sharding
+    skip_corrupt: bool = False  # leave unreadable images out (counted) instead of failing
 
     @field_validator("val_size")
     @classmethod
@@ -76,7 +88,7 @@ class DatasetConfig(Strict):
                 raise ValueError(
                     f"root {self.root!r} does not exist; point it at the data or set download: true"
                 )
-        if self.source in ("imagefolder", "synthetic") and self.image_size is None:
+        if self.source in (*FILE_SOURCES, "synthetic") and self.image_size is None:
             raise ValueError(f"source {self.source!r} needs `image_size`")
         if (self.source == "synthetic") != (self.synthetic is not None):
             raise ValueError("`synthetic` (channels, classes, train, test) goes with, and only "

@@ -9,7 +9,8 @@ What changes from the recipe (`smoke_params`): each dataset becomes `source: syn
 the real shape (an image folder's class count cannot be known without it: 1000, as
 ImageNet-1k), every batch size 2, every epoch count 1 (no warmup), CHIP scores 2 batches,
 latency tables (in the recipe's runtime) and measurements are one repeat at batch 2,
-calibrated on one random model, training runs in one CPU process,
+calibrated on one random model, training runs in one CPU process (a sharded dataset, as
+ImageNet's is, stays sharded and is decoded in that process),
 and the grid keeps its first budget and first dataset (plus those its transfer pairs and
 rate configurations read): every model and method, each on one grid point. The stages run in
 this process, in DVC's order, from the commands DVC resolves from dvc.yaml: the imports
@@ -42,6 +43,8 @@ REAL_SHAPES: dict[str, tuple[int, int, int | None]] = {
     "svhn": (3, 10, 32),
     "digits": (1, 10, 16),
     "imagefolder": (3, 1000, None),
+    "imagenet": (3, 1000, None),
+    "tiny_imagenet": (3, 200, None),
 }
 TRAIN_KEYS = ("train_dense", "learn_masks")
 
@@ -71,8 +74,12 @@ def smoke_params(raw: dict[str, Any]) -> dict[str, Any]:
         side = ds.get("image_size") or side
         if side is None:
             raise ConfigError(f"datasets.{name}: needs image_size for a smoke run")
+        storage = ds.get("storage", "auto")
+        if storage == "auto":  # what it would be at full size: ImageNet's is shards
+            storage = "shards" if source == "imagenet" else "memory"
         p["datasets"][name] = {
             "source": "synthetic", "image_size": side, "val_size": 2 * BATCH, "seed": 0,
+            "storage": storage,
             "augment": ds.get("augment", {}),
             "synthetic": {"channels": channels, "classes": classes, "train": 4 * BATCH,
                           "test": 2 * BATCH},
@@ -162,7 +169,9 @@ def run_smoke(recipe: str | os.PathLike[str], workdir: str | os.PathLike[str]) -
         sys.path.insert(0, str(REPO))
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
            "CHIPPRUNE_ARTIFACT_ROOT": (workdir / "mlartifacts").as_uri(),
-           "MLFLOW_EXPERIMENT_NAME": f"smoke-{recipe.stem}", "CHIPPRUNE_ROOT": str(workdir)}
+           "MLFLOW_EXPERIMENT_NAME": f"smoke-{recipe.stem}", "CHIPPRUNE_ROOT": str(workdir),
+           # a few images per stage: decoded in the stage's process, not by forked workers
+           "CHIPPRUNE_DATA_WORKERS": "0"}
     done = []
     with _inside(workdir, env):
         for spec in plan:

@@ -10,12 +10,13 @@ from torch import nn
 
 from chipprune.atomic import write_text
 from chipprune.config import AugmentConfig, TrainConfig
-from chipprune.data import load_prepared
+from chipprune.data.artifact import load_meta
 from chipprune.reporting import tracking
 from chipprune.training import distributed
 from chipprune.training.checkpoint import make_checkpoint, save_checkpoint
-from chipprune.training.loop import DeviceData, fit
+from chipprune.training.loop import fit
 from chipprune.training.resume import ResumeStore, fingerprint
+from chipprune.training.sources import open_split
 from stages._common import RESUME_DIR, main_rank_run
 from stages.train_dense import history_csv
 
@@ -37,10 +38,9 @@ def train_pruned(
     final val top-1. `inputs` are hashed into the resume fingerprint and the MLflow tags.
     In a process group every rank trains; rank 0 alone writes (the others return None)."""
     device = next(model.parameters()).device
-    data = load_prepared(Path(data_dir), splits=("train", "val"))
-    meta = data.meta
-    train = DeviceData.from_split(data.splits["train"], meta, device)
-    val = DeviceData.from_split(data.splits["val"], meta, device)
+    meta = load_meta(data_dir)
+    train = open_split(data_dir, "train", device, meta)
+    val = open_split(data_dir, "val", device, meta)
     digest = [tracking.file_sha256(p) for p in inputs.values()]
     resume = ResumeStore(RESUME_DIR / f"{name}.pt", fingerprint(config, meta, digest))
     with main_rank_run(name, config, out / "mlflow_run.json", inputs=inputs):

@@ -78,18 +78,17 @@ def taylor_gradients(model, data_dir: Path, cfg) -> None:
     batches of training images (on CUDA where there is one; the scores come back to the CPU)."""
     import torch
 
-    from chipprune.data import load_prepared
     from chipprune.methods.peers import accumulate_gradients
-    from chipprune.training.loop import DeviceData, resolve_device
+    from chipprune.training.loop import resolve_device
+    from chipprune.training.sources import open_split
 
     device = resolve_device("auto")
-    data = load_prepared(data_dir, splits=("train",))
-    train = DeviceData.from_split(data.splits["train"], data.meta, device)
+    train = open_split(data_dir, "train", device)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
     batches = [order[i * cfg.taylor_batch_size:(i + 1) * cfg.taylor_batch_size].to(device)
                for i in range(cfg.taylor_batches)]
     model.to(device)
-    accumulate_gradients(model, ((train.images[i], train.labels[i]) for i in batches if len(i)),
+    accumulate_gradients(model, (train.take(i) for i in batches if len(i)),
                          train.normalise)
 
 

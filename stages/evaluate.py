@@ -24,7 +24,7 @@ from chipprune.atomic import write_json
 from chipprune.budgets.counting import measure_cost
 from chipprune.budgets.latency import latency_metrics
 from chipprune.config import EvaluateConfig, load_params
-from chipprune.data import load_prepared
+from chipprune.data.artifact import load_meta
 from chipprune.models import create_model
 from chipprune.reporting import tracking
 from chipprune.reporting.records import CHECKPOINT_TAG, checkpoint_labels, run_tags
@@ -34,7 +34,8 @@ from chipprune.training.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
 )
-from chipprune.training.loop import DeviceData, evaluate, resolve_device
+from chipprune.training.loop import evaluate, resolve_device
+from chipprune.training.sources import DeviceData, open_split
 from stages._common import EvaluatedRun, atomic_dir, parse_run_args, run_main, runs_from_args
 
 
@@ -93,9 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         tests: dict[Path, tuple[DeviceData, dict[str, Any]]] = {}  # one load per dataset
         for r in runs:
             if r.data_dir not in tests:
-                data = load_prepared(r.data_dir, splits=("test",))
-                tests[r.data_dir] = (DeviceData.from_split(data.splits["test"], data.meta, device),
-                                     data.meta)
+                meta = load_meta(r.data_dir)
+                tests[r.data_dir] = (open_split(r.data_dir, "test", device, meta), meta)
             tags = {"chipprune.evaluated": r.name,  # a model, not a stage: no chipprune.stage
                     CHECKPOINT_TAG: tracking.file_sha256(r.checkpoint)}
             with mlflow.start_run(run_name=f"evaluate@{r.name}", nested=True, tags=tags,

@@ -25,10 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from chipprune.atomic import write_json
 from chipprune.budgets.counting import measure_cost
 from chipprune.config import load_params
-from chipprune.data import load_prepared
+from chipprune.data.artifact import load_meta
 from chipprune.deploy import ort_runtime, registry
 from chipprune.deploy.onnx_export import (
     OPSET,
@@ -46,7 +48,7 @@ from chipprune.training.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
 )
-from chipprune.training.loop import DeviceData
+from chipprune.training.sources import DeviceData, open_split
 from stages._common import atomic_dir, parse_run_args, run_main, runs_from_args
 
 
@@ -68,9 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         dense_sessions: dict[str, Any] = {}  # dense architecture -> its ORT session
         for r in runs:
             if r.data_dir not in tests:
-                data = load_prepared(r.data_dir, splits=("test",))
-                tests[r.data_dir] = (DeviceData.from_split(data.splits["test"], data.meta, "cpu"),
-                                     data.meta)
+                meta = load_meta(r.data_dir)
+                tests[r.data_dir] = (open_split(r.data_dir, "test", "cpu", meta), meta)
             test, meta = tests[r.data_dir]
             shape = tuple(meta["image_shape"])
             ckpt = load_checkpoint(r.checkpoint)
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
                 "chipprune.run": r.name, "chipprune.model": ckpt["model_name"]})
             export_seconds = time.perf_counter() - t0
             session = ort_runtime.session(folder / "model.onnx", cfg.device)
-            check = parity(model, session, test.normalise(test.images[: cfg.parity_images]))
+            first = torch.arange(min(cfg.parity_images, len(test)))
+            check = parity(model, session, test.normalise(test.take(first)[0]))
             if not check.within(cfg.tolerance):
                 raise ExportError(
                     f"{r.name}: ONNX Runtime's logits differ from PyTorch's by up to "
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
                 # one image: MLflow writes the example as JSON and validates it through the
                 # model (2 s for two 224x224 images, half of it the JSON)
                 version = registry.log_registered_onnx(
-                    folder / "model.onnx", test.normalise(test.images[:1]).numpy(),
+                    folder / "model.onnx", test.normalise(test.take(first[:1])[0]).numpy(),
                     int(meta["num_classes"]), name,
                     {**version_tags(ckpt, meta, model, dense), "run": r.name, CHECKPOINT_TAG: sha},
                     ort_runtime.providers_for(cfg.device))

@@ -17,7 +17,7 @@ from chipprune.atomic import write_text
 from chipprune.budgets.exact import BudgetModel
 from chipprune.budgets.latency_table import latency_budget_doc, table_for_budget
 from chipprune.config import ConfigError, ScheduleConfig, TrainConfig, load_params
-from chipprune.data import load_prepared
+from chipprune.data.artifact import load_meta
 from chipprune.methods.chipnet import ChipNetHooks, adamw
 from chipprune.methods.gates import ChannelGates
 from chipprune.reporting import tracking
@@ -30,8 +30,9 @@ from chipprune.training.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from chipprune.training.loop import DeviceData, fit, resolve_device, seed_everything
+from chipprune.training.loop import fit, resolve_device, seed_everything
 from chipprune.training.resume import ResumeStore, fingerprint
+from chipprune.training.sources import open_split
 from stages._common import RESUME_DIR, main_rank_run, parse_budget, run_main, start_ranks
 from stages.train_dense import history_csv
 
@@ -53,8 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     augment = params.datasets[args.dataset].augment
     device = start_ranks("stages.learn_masks", argv, cfg.distributed, resolve_device(cfg.device))
 
-    data = load_prepared(Path(args.data_dir), splits=("train", "val"))
-    meta = data.meta
+    meta = load_meta(args.data_dir)
     dense = load_checkpoint(args.dense_ckpt)
     seed_everything(cfg.seed, device)
     model = model_from_checkpoint(dense, args.dense_ckpt).to(device)
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     budget = BudgetModel.from_model(model, shape, latency=table)
     gates = ChannelGates.for_model(model, generator=torch.Generator().manual_seed(cfg.seed))
     gates.to(device)
-    train = DeviceData.from_split(data.splits["train"], meta, device)
-    val = DeviceData.from_split(data.splits["val"], meta, device)
+    train = open_split(args.data_dir, "train", device, meta)
+    val = open_split(args.data_dir, "val", device, meta)
 
     name = f"learn_masks@{args.budget}-{args.dataset}-{args.model}"
     config = {

@@ -17,12 +17,12 @@ import torch
 
 from chipprune.atomic import write_json
 from chipprune.config import load_params
-from chipprune.data import load_prepared
 from chipprune.methods.chip import group_scores, score_channels
 from chipprune.reporting import tracking
 from chipprune.reporting.plots import ci_distribution_figure, save_png
 from chipprune.training.checkpoint import load_checkpoint, model_from_checkpoint
-from chipprune.training.loop import DeviceData, random_crop_flip, resolve_device, seed_everything
+from chipprune.training.loop import resolve_device, seed_everything
+from chipprune.training.sources import open_split
 from stages._common import run_main
 
 
@@ -38,11 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     augment = params.datasets[args.dataset].augment if args.dataset in params.datasets else None
     dense = load_checkpoint(args.dense_ckpt)
     model = model_from_checkpoint(dense, args.dense_ckpt)
-    data = load_prepared(Path(args.data_dir), splits=("train",))
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed, device)
     model.to(device)
-    train = DeviceData.from_split(data.splits["train"], data.meta, device)
+    train = open_split(args.data_dir, "train", device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     perm = torch.randperm(len(train), generator=gen, device=device)
 
@@ -52,10 +51,10 @@ def main(argv: list[str] | None = None) -> None:
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             if idx.numel() == 0:
                 return
-            x = train.images[idx]
             if cfg.augment and augment is not None:
-                x = random_crop_flip(x, augment.crop_padding, augment.flip, gen)
-            yield x
+                yield train.augmented(idx, augment, gen)
+            else:
+                yield train.take(idx)[0]
 
     name = f"score_channels@{args.dataset}-{args.model}"
     out = Path(args.out_dir)

@@ -14,13 +14,14 @@ import torch
 
 from chipprune.atomic import write_text
 from chipprune.config import ConfigError, load_params
-from chipprune.data import load_prepared
+from chipprune.data.artifact import load_meta
 from chipprune.models import create_model
 from chipprune.reporting import tracking
 from chipprune.training import distributed
 from chipprune.training.checkpoint import load_pretrained, make_checkpoint, save_checkpoint
-from chipprune.training.loop import DeviceData, fit, resolve_device, seed_everything
+from chipprune.training.loop import fit, resolve_device, seed_everything
 from chipprune.training.resume import ResumeStore, fingerprint
+from chipprune.training.sources import open_split
 from stages._common import RESUME_DIR, main_rank_run, run_main, start_ranks
 
 
@@ -46,8 +47,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"{section}.{key}: not defined in {args.params}")
     ds_cfg, m_cfg, cfg = params.datasets[args.dataset], params.models[args.model], params.train_dense
     device = start_ranks("stages.train_dense", argv, cfg.distributed, resolve_device(cfg.device))
-    data = load_prepared(Path(args.data_dir))
-    meta = data.meta
+    meta = load_meta(args.data_dir)
 
     seed_everything(cfg.seed, device)
     kwargs = {**m_cfg.kwargs, "num_classes": meta["num_classes"], "in_channels": meta["image_shape"][0]}
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.model}: {len(kept_whole)} convs keep every channel, e.g. "
               + "; ".join(f"{k}: {v}" for k, v in list(kept_whole.items())[:3]), flush=True)
     model = model.to(device)
-    train = DeviceData.from_split(data.splits["train"], meta, device)
-    val = DeviceData.from_split(data.splits["val"], meta, device)
+    train = open_split(args.data_dir, "train", device, meta)
+    val = open_split(args.data_dir, "val", device, meta)
 
     config = {
         "dataset": {"name": args.dataset, **ds_cfg.model_dump()},

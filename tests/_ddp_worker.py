@@ -24,8 +24,9 @@ from chipprune.methods.chipnet import ChipNetHooks, adamw
 from chipprune.methods.gates import ChannelGates
 from chipprune.models import create_model
 from chipprune.training import distributed
-from chipprune.training.loop import DeviceData, TrainHooks, fit, seed_everything
+from chipprune.training.loop import TrainHooks, fit, seed_everything
 from chipprune.training.resume import ResumeStore
+from chipprune.training.sources import DeviceData
 
 N_TRAIN, BATCH, EPOCHS = 128, 32, 2  # 4 steps per epoch, 8 in all
 AUG = AugmentConfig(crop_padding=2, flip=True)

@@ -20,7 +20,7 @@ from chipprune.methods.chip import (
 )
 from chipprune.methods.chip_ci import channel_independence, ci_definition, ci_gram
 from chipprune.models import create_model
-from chipprune.training.loop import DeviceData
+from chipprune.training.sources import DeviceData
 
 TOL = 1e-9
 

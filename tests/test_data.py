@@ -164,7 +164,8 @@ def test_unknown_source_and_missing_root():
         prepare_dataset("mnist")
     with pytest.raises(ValueError, match="root"):
         prepare_dataset("cifar10")
-    assert SOURCES == ("digits", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic")
+    assert SOURCES == ("digits", "cifar10", "cifar100", "svhn", "imagefolder", "imagenet",
+                       "tiny_imagenet", "synthetic")
 
 
 # ---------------------------------------------------------------- CIFAR, real pickle layout

@@ -262,7 +262,7 @@ def test_promote_aliases_the_best_version_under_a_budget_and_it_serves(repo):
 
     from chipprune.data import load_prepared
     from chipprune.training.checkpoint import load_checkpoint, model_from_checkpoint
-    from chipprune.training.loop import DeviceData
+    from chipprune.training.sources import DeviceData
     from pipelines.mlflow_server import free_port
     from pipelines.process_group import stop_group
 

@@ -201,8 +201,10 @@ def test_smoke_params_keep_the_recipe_but_shrink_data_and_schedule():
     imagenet = smoke_params(yaml.safe_load((REPO / "recipes/chip-imagenet.yaml").read_text()))
     assert imagenet["datasets"]["imagenet"]["synthetic"]["classes"] == 1000
     assert imagenet["datasets"]["imagenet"]["image_size"] == 224
+    assert imagenet["datasets"]["imagenet"]["storage"] == "shards"  # the smoke run streams too
     assert imagenet["prune"]["budgets"] == ["flops-0.552"]
     chipnet = smoke_params(yaml.safe_load((REPO / "recipes/chipnet-cifar.yaml").read_text()))
+    assert chipnet["datasets"]["cifar10"]["storage"] == "memory"
     assert chipnet["prune"]["budgets"] == ["volume-0.5"]  # the first budget of four
     assert chipnet["prune"]["datasets"] == chipnet["dense"]["datasets"] == ["cifar10"]
     assert list(chipnet["datasets"]) == ["cifar10"]
@@ -245,6 +247,9 @@ def test_every_recipe_passes_its_smoke_run(recipe, tmp_path):
         classes = len(ds["classes"]) if ds.get("classes") else classes
         side = ds.get("image_size") or side
         assert meta["image_shape"] == [channels, side, side] and meta["num_classes"] == classes
+        # ImageNet's smoke run goes through the shard path (prepare, stream loader), as its
+        # real run does; the others hold their tensors in memory
+        assert meta.get("storage", "memory") == p.datasets[name].storage
     report = pd.read_csv(work / "results/report.csv", keep_default_na=False)
     got = {(r.method, r.dataset, r.model) for r in report.itertuples() if not r.teacher}
     arch = {name: m.arch for name, m in p.models.items()}  # the report names architectures

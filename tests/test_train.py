@@ -9,8 +9,9 @@ import torch
 
 from chipprune.config import AugmentConfig, ScheduleConfig, TrainConfig
 from chipprune.models import create_model
-from chipprune.training.loop import DeviceData, evaluate, fit, lr_multiplier, random_crop_flip
+from chipprune.training.loop import evaluate, fit, lr_multiplier
 from chipprune.training.resume import ResumeStore
+from chipprune.training.sources import DeviceData, random_crop_flip
 
 
 def test_random_crop_flip_matches_explicit_slicing():

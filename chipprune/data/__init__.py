@@ -1,4 +1,5 @@
-"""Datasets: prepare any source into uint8 tensors + meta, save/load the on-disk artifact."""
+"""Datasets: prepare any source into uint8 tensors + meta (or, for large sets, tar shards of
+encoded images: data.shards), save/load the on-disk artifact."""
 
 from .artifact import load_prepared, save_prepared
 from .dataset import DataFileError, PreparedDataset, Split, normalize_images

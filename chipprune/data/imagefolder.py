@@ -1,13 +1,16 @@
-"""Image folders in the ImageNet / Tiny-ImageNet layout: root/{train,val}/<class>/**/<image>.
+"""Image folders: root/{train,val}/<class>/**/<image>, and what every file-based source
+shares: a FileListing (which file has which label) and its in-memory form.
 
-The val folder is the test split (val is carved from train later). Every image is decoded
-into one uint8 tensor in memory, which suits Tiny-ImageNet; full ImageNet at 224 does not fit.
+The val folder is the test split (val is carved from train later). In memory (`storage:
+memory`) every image is decoded into one uint8 tensor, centre-squared at image_size; with
+`storage: shards` the files are written into shards instead (chipprune.data.shards).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,16 @@ IMAGE_EXTENSIONS = {
     ".ppm",
     ".pgm",
 }
+
+
+@dataclass
+class FileListing:
+    """A file-based source before decoding: the official train and test files with labels."""
+
+    root: Path
+    train: list[tuple[Path, int]]
+    test: list[tuple[Path, int]]
+    classes: list[str]
 
 
 def class_folders(split_dir: Path) -> list[str]:
@@ -92,14 +105,8 @@ def decoded_split(root: Path, pairs: list[tuple[Path, int]], size: int) -> tuple
     return Split(images, labels), digests
 
 
-def read_imagefolder(
-    root: str | Path | None, *, download: bool = False, image_size: int | None = None
-) -> RawData:
+def imagefolder_listing(root: str | Path | None) -> FileListing:
     root = required_root(root, "imagefolder")
-    if image_size is None or image_size < 1:
-        raise ValueError(
-            "source 'imagefolder' needs image_size (a positive int): images differ in size"
-        )
     for d in (root / "train", root / "val"):
         if not d.is_dir():
             raise FileNotFoundError(
@@ -110,10 +117,22 @@ def read_imagefolder(
     classes = class_folders(root / "train")
     if not classes:
         raise DataFileError(root / "train", "no class folders")
-    train, train_digests = decoded_split(
-        root, labelled_files(root / "train", classes, every_class=True), image_size
-    )
-    test, test_digests = decoded_split(
-        root, labelled_files(root / "val", classes, every_class=False), image_size
-    )
-    return RawData(train, test, classes, combined_sha256(train_digests + test_digests))
+    return FileListing(root, labelled_files(root / "train", classes, every_class=True),
+                       labelled_files(root / "val", classes, every_class=False), classes)
+
+
+def decoded_listing(listing: FileListing, image_size: int | None, source: str) -> RawData:
+    """Every file of the listing decoded and centre-squared at image_size, in memory."""
+    if image_size is None or image_size < 1:
+        raise ValueError(
+            f"source {source!r} needs image_size (a positive int): images differ in size"
+        )
+    train, train_digests = decoded_split(listing.root, listing.train, image_size)
+    test, test_digests = decoded_split(listing.root, listing.test, image_size)
+    return RawData(train, test, listing.classes, combined_sha256(train_digests + test_digests))
+
+
+def read_imagefolder(
+    root: str | Path | None, *, download: bool = False, image_size: int | None = None
+) -> RawData:
+    return decoded_listing(imagefolder_listing(root), image_size, "imagefolder")

@@ -1,4 +1,5 @@
-"""prepare_dataset: any source -> train/val/test uint8 tensors plus a JSON-able meta dict."""
+"""prepare_dataset: any source -> train/val/test uint8 tensors plus a JSON-able meta dict;
+prepare_shards: the same splits written as tar shards of encoded images (large sets)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,27 @@ import torch
 from .cifar import read_cifar10, read_cifar100
 from .dataset import SPLITS, PreparedDataset, RawData, Split, channel_mean_std
 from .digits import read_digits
-from .imagefolder import read_imagefolder
+from .imagefolder import decoded_listing, imagefolder_listing
+from .imagenet import imagenet_listing
+from .shards import Source, write_split
+from .shards.layout import index_path
+from .sourcefiles import combined_sha256
 from .svhn import read_svhn
 from .synthetic import read_synthetic
+from .tiny_imagenet import tiny_imagenet_listing
 
-SOURCES = ("digits", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic")
+SOURCES = ("digits", "cifar10", "cifar100", "svhn", "imagefolder", "imagenet", "tiny_imagenet",
+           "synthetic")
 _FILE_READERS = {
     "cifar10": read_cifar10,
     "cifar100": read_cifar100,
     "svhn": read_svhn,
-    "imagefolder": read_imagefolder,
+}
+# Sources of encoded image files: listed first, then decoded in memory or sharded as they are.
+LISTINGS = {
+    "imagefolder": lambda root, download: imagefolder_listing(root),
+    "imagenet": lambda root, download: imagenet_listing(root),
+    "tiny_imagenet": tiny_imagenet_listing,
 }
 
 
@@ -29,6 +41,8 @@ def raw_data(
         return read_digits(image_size)
     if source == "synthetic":  # synthetic: channels, classes, train, test (SyntheticConfig)
         return read_synthetic(image_size=image_size, **(synthetic or {}))
+    if source in LISTINGS:
+        return decoded_listing(LISTINGS[source](root, download), image_size, source)
     if source not in _FILE_READERS:
         raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
     return _FILE_READERS[source](root, download=download, image_size=image_size)
@@ -55,6 +69,16 @@ def relabelled(split: Split, classes: list[int], num_classes: int) -> Split:
     mapped = new_label[split.labels]  # (N,), -1 for dropped classes
     keep = mapped >= 0
     return Split(split.images[keep], mapped[keep])
+
+
+def class_subset(names: list[str], train, test, classes: list[int] | None, keep):
+    """(names, train, test) restricted to `classes` (None: all), class classes[j] becoming
+    label j; `keep(split, subset, num_classes)` does it for the splits' form."""
+    if classes is None:
+        return names, train, test
+    subset = checked_class_subset(classes, len(names))
+    return ([names[c] for c in subset], keep(train, subset, len(names)),
+            keep(test, subset, len(names)))
 
 
 def val_count(val_size: int | float, n_train: int) -> int:
@@ -102,12 +126,7 @@ def prepare_dataset(
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
     raw = raw_data(source, root, download=download, image_size=image_size, synthetic=synthetic)
-    names, train, test = raw.classes, raw.train, raw.test
-    if classes is not None:
-        subset = checked_class_subset(classes, len(names))
-        train = relabelled(train, subset, len(names))
-        test = relabelled(test, subset, len(names))
-        names = [names[c] for c in subset]
+    names, train, test = class_subset(raw.classes, raw.train, raw.test, classes, relabelled)
     train_idx, val_idx = train_val_indices(len(train), val_count(val_size, len(train)), seed)
     splits = {"train": train.subset(train_idx), "val": train.subset(val_idx), "test": test}
     mean, std = channel_mean_std(splits["train"].images)
@@ -125,3 +144,111 @@ def prepare_dataset(
         "sizes": {s: len(splits[s]) for s in SPLITS},
     }
     return PreparedDataset(splits=splits, meta=meta)
+
+
+def listed_subset(pairs: list, classes: list[int], num_classes: int) -> list:
+    """relabelled() for a file listing."""
+    new_label = {c: j for j, c in enumerate(classes)}
+    return [(p, new_label[y]) for p, y in pairs if y in new_label]
+
+
+def memory_bytes(source: str, *, root, download: bool, image_size: int | None) -> int | None:
+    """What a file-based source would take decoded in memory (uint8, image_size squared, 3
+    channels), or None for sources that are arrays already (always held in memory)."""
+    if source not in LISTINGS or image_size is None:
+        return None
+    listing = LISTINGS[source](root, download)
+    return (len(listing.train) + len(listing.test)) * 3 * image_size * image_size
+
+
+def prepare_shards(
+    source: str,
+    out_dir: str | Path,
+    *,
+    root: str | Path | None = None,
+    download: bool = False,
+    classes: list[int] | None = None,
+    val_size: int | float = 0.1,
+    seed: int = 0,
+    image_size: int | None = None,
+    synthetic: dict | None = None,
+    shard_side: int | None = None,
+    shard_size: int = 1000,
+    workers: int = 1,
+    skip_corrupt: bool = False,
+) -> dict:
+    """Write the train/val/test splits prepare_dataset would make as shards into out_dir
+    (index files, shards; not meta.json) and return the meta: prepare_dataset's keys, with
+    mean and std over the stored training images, plus storage, shard_side and shards.
+
+    File sources are stored as their files are (re-encoded only where the short side
+    exceeds shard_side); array sources as PNG. image_size is the side the model sees (the
+    crop), image_shape is [C, image_size, image_size]."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
+    out_dir = Path(out_dir)
+    if source in LISTINGS:
+        if image_size is None:
+            raise ValueError(f"source {source!r} needs image_size (the side the model sees)")
+        listing = LISTINGS[source](root, download)
+        base = listing.root
+        channels = 3
+
+        def sources_of(pairs: list) -> list[Source]:
+            return [Source(p.relative_to(base).as_posix(), y, path=p) for p, y in pairs]
+
+        names, train, test = class_subset(listing.classes, listing.train, listing.test, classes,
+                                          listed_subset)
+        n_train = len(train)
+        train_idx, val_idx = train_val_indices(n_train, val_count(val_size, n_train), seed)
+        split_sources = {"train": sources_of([train[i] for i in train_idx.tolist()]),
+                         "val": sources_of([train[i] for i in val_idx.tolist()]),
+                         "test": sources_of(test)}
+    else:
+        raw = raw_data(source, root, download=download, image_size=image_size,
+                       synthetic=synthetic)
+        names, train, test = class_subset(raw.classes, raw.train, raw.test, classes, relabelled)
+        channels, image_size = train.images.shape[1], train.images.shape[-1]
+        if channels not in (1, 3):
+            raise ValueError(f"shards hold 1- or 3-channel images, {source!r} has {channels}")
+        train_idx, val_idx = train_val_indices(len(train), val_count(val_size, len(train)), seed)
+
+        def array_sources(split: Split, name: str) -> list[Source]:
+            return [Source(f"{name}/{i}", int(split.labels[i]), pixels=split.images[i])
+                    for i in range(len(split))]
+
+        split_sources = {"train": array_sources(train.subset(train_idx), "train"),
+                         "val": array_sources(train.subset(val_idx), "val"),
+                         "test": array_sources(test, "test")}
+    written = {}
+    for name in SPLITS:
+        written[name] = write_split(out_dir, name, split_sources[name], channels=channels,
+                                    shard_size=shard_size, shard_side=shard_side,
+                                    workers=workers, skip_corrupt=skip_corrupt)
+        if not written[name].index["label"].numel() and name != "val":
+            raise ValueError(f"split {name!r} has no readable images")
+    t = written["train"]
+    mean = t.sums[:, 0] / max(1, t.pixels)
+    std = (t.sums[:, 1] / max(1, t.pixels) - mean * mean).clip(min=0.0) ** 0.5
+    digests = [d for name in SPLITS for d in written[name].digests]
+    meta = {
+        "name": source,
+        "classes": names,
+        "num_classes": len(names),
+        "image_shape": [channels, image_size, image_size],
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "split_seed": seed,
+        "val_size": val_size,
+        "source_sha256": raw.source_sha256 if source not in LISTINGS else combined_sha256(digests),
+        "class_subset": None if classes is None else list(classes),
+        "sizes": {s: len(written[s].index["label"]) for s in SPLITS},
+        "storage": "shards",
+        "shard_side": shard_side,
+        "shards": {s: written[s].shards for s in SPLITS},
+        "skipped": {s: written[s].skipped for s in SPLITS},
+    }
+    for name in SPLITS:  # byte-identical for the same data: saved into an open file
+        with open(index_path(out_dir, name), "wb") as f:
+            torch.save(written[name].index, f)
+    return meta

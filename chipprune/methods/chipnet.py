@@ -16,7 +16,8 @@ from chipprune.budgets.exact import BudgetModel
 from chipprune.budgets.thresholding import keep_at_budget
 from chipprune.methods.gates import ChannelGates, GateSchedule
 from chipprune.surgery.masking import apply_hard_masks
-from chipprune.training.loop import DeviceData, TrainHooks, evaluate
+from chipprune.training.loop import TrainHooks, evaluate
+from chipprune.training.sources import DeviceData
 
 
 def adamw(model: nn.Module, gates: ChannelGates, lr: float, weight_decay: float,
@@ -68,11 +69,11 @@ def recalibrate_bn(
         m.momentum = None  # cumulative average
     was_training = model.training
     model.train()
-    gen = torch.Generator(device=data.images.device).manual_seed(seed)
-    perm = torch.randperm(len(data), generator=gen, device=data.images.device)
+    gen = torch.Generator(device=data.device).manual_seed(seed)
+    perm = torch.randperm(len(data), generator=gen, device=data.device)
     bs = min(batch_size, len(data))
     for i in range(min(batches, len(data) // bs)):
-        model(data.normalise(data.images[perm[i * bs : (i + 1) * bs]]))
+        model(data.normalise(data.take(perm[i * bs : (i + 1) * bs])[0]))
     for m, momentum in zip(bns, saved, strict=True):
         m.momentum = momentum
     model.train(was_training)

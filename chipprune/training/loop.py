@@ -1,6 +1,7 @@
-"""Training and evaluation loops over device-resident tensors: data is loaded once as uint8,
-augmented in batches on the device (random crop with padding, flip), normalised per batch.
-Every epoch ends in an atomic resume checkpoint, so a killed run continues where it was."""
+"""Training and evaluation loops over a split from `sources` (device tensors or a sharded
+stream, one interface): uint8 batches, augmented as the split's form does it, normalised on
+the device. Every epoch ends in an atomic resume checkpoint, so a killed run continues
+where it was."""
 
 from __future__ import annotations
 
@@ -19,32 +20,7 @@ from tqdm import tqdm
 from chipprune.config import AugmentConfig, ScheduleConfig, TrainConfig
 from chipprune.training import distributed
 from chipprune.training.resume import ResumeStore
-
-
-@dataclass
-class DeviceData:
-    """One split on the training device, normalisation constants beside it."""
-
-    images: torch.Tensor  # (N, C, H, W) uint8
-    labels: torch.Tensor  # (N,) int64
-    mean: torch.Tensor  # (1, C, 1, 1) float32, 0..1 scale
-    std: torch.Tensor  # (1, C, 1, 1) float32
-
-    @classmethod
-    def from_split(cls, split: Any, meta: dict, device: torch.device) -> DeviceData:
-        shape = (1, -1, 1, 1)
-        return cls(
-            images=split.images.to(device),
-            labels=split.labels.to(device),
-            mean=torch.tensor(meta["mean"], dtype=torch.float32, device=device).view(shape),
-            std=torch.tensor(meta["std"], dtype=torch.float32, device=device).view(shape),
-        )
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def normalise(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        return (x_uint8.float().div_(255.0) - self.mean) / self.std
+from chipprune.training.sources import DeviceData
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,31 +43,6 @@ def seed_everything(seed: int, device: torch.device) -> None:
             torch.use_deterministic_algorithms(True, warn_only=True)
         else:
             set_flag(True, warn_only=True)
-
-
-def random_crop_flip(
-    x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator, part: slice | None = None
-) -> torch.Tensor:
-    """Batched augmentation of uint8 images (B, C, H, W): zero-padded random crop, h-flip.
-
-    `part`: `x` is a data-parallel rank's rows of a global batch of len(x) * world() images;
-    the draws are made for the whole global batch and sliced, so every rank augments its
-    rows exactly as one process augments the global batch."""
-    b, _, h, w = x.shape
-    n = b if part is None else b * distributed.world()
-    rows_of = slice(None) if part is None else part
-    if padding > 0:
-        xp = F.pad(x, (padding,) * 4)  # (B, C, H+2p, W+2p)
-        oy = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=x.device)[rows_of]
-        ox = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=x.device)[rows_of]
-        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
-        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
-        bidx = torch.arange(b, device=x.device)[:, None, None]
-        x = xp.permute(0, 2, 3, 1)[bidx, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
-    if flip:
-        coin = torch.rand(n, generator=gen, device=x.device)[rows_of] < 0.5
-        x = torch.where(coin[:, None, None, None], x.flip(3), x)
-    return x
 
 
 def lr_multiplier(step: int, steps_per_epoch: int, epochs: int, sched: ScheduleConfig) -> float:
@@ -139,15 +90,11 @@ def evaluate(model: nn.Module, data: DeviceData, batch_size: int = 1024) -> dict
     one-process result (same batches, same kernels, same order of additions)."""
     was_training = model.training
     model.eval()
-    starts = range(0, len(data), batch_size)
+    n_batches = -(-len(data) // batch_size)
     n_ranks, me = distributed.world(), distributed.rank()
-    sums = torch.zeros(len(starts), 3, device=data.labels.device)  # loss, top-1, top-k
-    for j, i in enumerate(starts):
-        if j % n_ranks != me:
-            continue
-        x = data.normalise(data.images[i : i + batch_size])
-        y = data.labels[i : i + batch_size]
-        out = model(x).float()
+    sums = torch.zeros(n_batches, 3, device=data.device)  # loss, top-1, top-k
+    for j, x, y in data.eval_batches(batch_size, lambda j: j % n_ranks == me):
+        out = model(data.normalise(x)).float()
         sums[j, 0] = F.cross_entropy(out, y, reduction="sum")
         k = min(5, out.shape[1])
         pred = out.topk(k, dim=1).indices  # (B, k)
@@ -155,8 +102,8 @@ def evaluate(model: nn.Module, data: DeviceData, batch_size: int = 1024) -> dict
         sums[j, 2] = (pred == y[:, None]).any(dim=1).sum()
     model.train(was_training)
     distributed.all_reduce_sum(sums)
-    total = torch.zeros(3, device=data.labels.device)
-    for j in range(len(starts)):
+    total = torch.zeros(3, device=data.device)
+    for j in range(n_batches):
         total += sums[j]
     loss_sum, top1, topk = total.tolist()
     n = max(1, len(data))
@@ -212,7 +159,7 @@ def fit(
     In a process group (see `chipprune.training.distributed`) every rank calls it alike: the model is
     wrapped in DDP, each rank trains on its slice of every global batch of cfg.batch_size,
     metrics are all-reduced, and rank 0 alone saves the resume state, logs and prints."""
-    device = train.images.device
+    device = train.device
     hooks = hooks or TrainHooks()
     optimizer = optimizer or sgd(model, cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -262,26 +209,20 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen, device=device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         extra_sums: dict[str, torch.Tensor] = {}
-        for i in range(steps_per_epoch):
+        batches = train.train_epoch(gen, bs, steps_per_epoch, augment, part)
+        for i, (x, y) in enumerate(batches):
             step = epoch * steps_per_epoch + i
             mult = lr_multiplier(step, steps_per_epoch, cfg.epochs, cfg.schedule)
             for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 g["lr"] = lr * mult
             hooks.on_step(step, steps_per_epoch)
 
-            if part is None:
-                idx = perm[i * bs : (i + 1) * bs]
-            else:  # this rank's slice of the global batch
-                idx = distributed.shard_indices(perm, i, bs)
-            x = random_crop_flip(train.images[idx], augment.crop_padding, augment.flip, gen, part)
             x = train.normalise(x)
             if cuda and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = train.labels[idx]
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.bf16):
                 out = net(x)
             ce = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
