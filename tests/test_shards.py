@@ -216,13 +216,44 @@ def test_stream_ranks_take_their_rows(sharded, monkeypatch):
 
 
 def test_stream_eval_batches_are_the_eval_views(sharded):
+    from chipprune.data import load_prepared
+
     out, meta = sharded
+    with pytest.raises(DataFileError, match=r"storage: shards"):
+        load_prepared(out, splits=("test",))
+    assert load_prepared(out, splits=()).meta["storage"] == "shards"
     data = open_split(out, "test", "cpu")
     assert isinstance(data, StreamData) and len(data) == 5
     got = list(data.eval_batches(2, lambda j: j != 1))
     assert [j for j, _, _ in got] == [0, 2]
     x, y = data.take(torch.tensor([4]))
     assert torch.equal(got[1][1], x) and torch.equal(got[1][2], y)
+
+
+def test_batched_tensor_decoding_matches_the_workers(sharded):
+    """decode="tensor" (what CUDA uses: torchvision.io.decode_jpeg on a whole batch, then
+    crop and resize on the device), run here on the CPU: the same images, crops and flips
+    as the PIL workers, up to the two libraries' resampling."""
+    out, meta = sharded
+    assert meta["formats"] == {"train": ["jpeg"], "val": ["jpeg"], "test": ["jpeg"]}
+    pil = StreamData(out, "train", meta, "cpu", workers=0, decode="pil")
+    tensor = StreamData(out, "train", meta, "cpu", workers=2, decode="tensor")
+    assert StreamData(out, "train", meta, "cpu").decode == "pil"  # CPU: the workers decode
+
+    def epoch(data):
+        return list(data.train_epoch(torch.Generator().manual_seed(1), 3, 2, AugmentConfig()))
+
+    for (x, y), (u, v) in zip(epoch(pil), epoch(tensor), strict=True):
+        diff = (x.float() - u.float()).abs()
+        assert u.dtype == torch.uint8 and torch.equal(y, v)
+        assert diff.max() <= 3 and diff.mean() < 0.5
+    test_pil = StreamData(out, "test", meta, "cpu", workers=0, decode="pil")
+    test_tensor = StreamData(out, "test", meta, "cpu", workers=0, decode="tensor")
+    for (_, x, _), (_, u, _) in zip(test_pil.eval_batches(5), test_tensor.eval_batches(5),
+                                    strict=True):
+        assert (x.float() - u.float()).abs().max() <= 3
+    assert (test_tensor.take(torch.tensor([1]))[0].float()
+            - test_pil.take(torch.tensor([1]))[0].float()).abs().max() <= 3
 
 
 def test_fit_and_evaluate_run_on_a_stream(sharded):
@@ -239,6 +270,39 @@ def test_fit_and_evaluate_run_on_a_stream(sharded):
     result = fit(model, train, val, cfg, AugmentConfig())
     assert [r["epoch"] for r in result.history] == [1, 2]
     assert result.history[-1]["val_top1"] == evaluate(model, val, 2)["top1"]
+
+
+def test_stream_from_the_dvc_remote(sharded, tmp_path):
+    """The prepared folder tracked by DVC and pushed to a (local-directory) remote, then gone
+    from the workspace and the cache: the loader reads it from the remote with ranged reads,
+    in worker processes, and gives the batches the local copy gives."""
+    import shutil
+
+    out, meta = sharded
+    repo = tmp_path / "repo"
+    shutil.copytree(out, repo / "data" / "prepared" / "in1k")
+
+    def dvc(*args):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=True,
+                       capture_output=True, timeout=120)
+
+    dvc("init", "--no-scm", "-q")
+    dvc("add", "-q", "data/prepared/in1k")
+    dvc("remote", "add", "-d", "store", str(tmp_path / "remote"))
+    dvc("push", "-q")
+    shutil.rmtree(repo / "data" / "prepared" / "in1k")
+    shutil.rmtree(repo / ".dvc" / "cache")
+
+    def epoch(data):
+        return list(data.train_epoch(torch.Generator().manual_seed(3), 3, 2, AugmentConfig()))
+
+    remote = StreamData("dvc://data/prepared/in1k", "train", None, "cpu", workers=2,
+                        url=str(repo))
+    local = StreamData(out, "train", meta, "cpu", workers=0)
+    assert not remote.split.local and len(remote) == len(local) == 7
+    for (x, y), (u, v) in zip(epoch(remote), epoch(local), strict=True):
+        assert torch.equal(x, u) and torch.equal(y, v)
+    assert not (repo / "data" / "prepared" / "in1k").exists()  # nothing was pulled
 
 
 # --- bad input ------------------------------------------------------------------------------

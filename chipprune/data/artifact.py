@@ -142,6 +142,9 @@ def load_prepared(out_dir: str | Path, splits: Iterable[str] = SPLITS) -> Prepar
     if unknown:
         raise ValueError(f"unknown splits {unknown}; choose from {SPLITS}")
     meta = load_meta(out_dir)
+    if meta.get("storage") == "shards" and splits:
+        raise DataFileError(out_dir, "holds shards of encoded images (storage: shards), not "
+                                     "tensors: read a split with training.sources.open_split")
     return PreparedDataset({s: load_split(split_path(out_dir, s), meta, s) for s in splits}, meta)
 
 

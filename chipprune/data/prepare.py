@@ -247,6 +247,7 @@ def prepare_shards(
         "shard_side": shard_side,
         "shards": {s: written[s].shards for s in SPLITS},
         "skipped": {s: written[s].skipped for s in SPLITS},
+        "formats": {s: written[s].formats for s in SPLITS},
     }
     for name in SPLITS:  # byte-identical for the same data: saved into an open file
         with open(index_path(out_dir, name), "wb") as f:

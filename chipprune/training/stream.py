@@ -6,6 +6,10 @@ resize and centre crop), and the batches arrive as uint8 on the device, normalis
 The main process draws the epoch's permutation and one seed per image from the run's
 generator, so a batch's content depends on the seed alone, not on the number of workers
 or ranks, and a resumed run continues with the generator state its checkpoint saved.
+
+On CUDA, JPEG shards are decoded on the GPU instead (`decode="tensor"`): the workers only
+read the bytes and draw the crop from the image header, and the batch is decoded by
+torchvision.io.decode_jpeg in one call on the device, then cropped and resized there.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from chipprune.training.sources import step_indices
 
 SEED_HIGH = 2**62
 WORKERS_ENV = "CHIPPRUNE_DATA_WORKERS"
+GPU_DECODE_ENV = "CHIPPRUNE_GPU_DECODE"  # "0": decode in the workers (PIL) even on CUDA
+JPEG = {"jpg", "jpeg"}
 
 
 def default_workers() -> int:
@@ -50,6 +56,22 @@ class _Views(Dataset):
         return self.split.view(i, None if seed < 0 else seed, flip), self.split.labels[i]
 
 
+class _Encoded(_Views):
+    """key -> (bytes as uint8 (n,), crop box (4,) or -1s for the eval view, mirrored, label)."""
+
+    def __getitem__(self, key: tuple[int, int, bool]):
+        i, seed, flip = key
+        data, box, mirrored = self.split.draw(i, None if seed < 0 else seed, flip)
+        return (torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                torch.tensor(box if box is not None else (-1, -1, -1, -1)),
+                mirrored, self.split.labels[i])
+
+
+def _as_lists(items: list) -> tuple[list, ...]:
+    """Collate encoded images as lists: they differ in length."""
+    return tuple(map(list, zip(*items, strict=True)))
+
+
 class _Plan:
     """The batch sampler of a persistent DataLoader, refilled before each pass over it."""
 
@@ -64,9 +86,16 @@ class _Plan:
 
 
 class StreamData:
-    def __init__(self, data_dir: str | Path, split: str, meta: dict, device: torch.device,
-                 workers: int | None = None):
-        self.split = ShardedSplit(data_dir, split, meta)
+    def __init__(self, data_dir: str | Path, split: str, meta: dict | None,
+                 device: torch.device | str, workers: int | None = None,
+                 decode: str | None = None, **storage_options):
+        """data_dir: the prepared folder, or a URL (s3://..., dvc://<path> with
+        `url=<repository>` to read a DVC-tracked folder from the DVC remote); meta: its
+        meta.json (None: read it); decode: "pil" (workers decode and crop) or "tensor"
+        (torchvision decodes each batch on `device`; JPEG only); None: "tensor" on CUDA
+        for JPEG shards, else "pil"."""
+        self.split = ShardedSplit(data_dir, split, meta, **storage_options)
+        meta = self.split.meta
         self.labels = self.split.labels
         self.device = torch.device(device)
         shape = (1, -1, 1, 1)
@@ -74,6 +103,13 @@ class StreamData:
         self.mean = torch.tensor(meta["mean"], **kw).view(shape)
         self.std = torch.tensor(meta["std"], **kw).view(shape)
         self.workers = default_workers() if workers is None else workers
+        if decode is None:
+            jpeg_only = all(set(f) <= JPEG for f in meta.get("formats", {"": ["?"]}).values())
+            gpu = self.device.type == "cuda" and os.environ.get(GPU_DECODE_ENV, "1") != "0"
+            decode = "tensor" if gpu and jpeg_only else "pil"
+        if decode not in ("pil", "tensor"):
+            raise ValueError(f"decode must be 'pil' or 'tensor', got {decode!r}")
+        self.decode = decode
         self._plan = _Plan()
         self._loader: DataLoader | None = None
 
@@ -90,17 +126,37 @@ class StreamData:
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._loader is None:
             w = self.workers
+            tensor = self.decode == "tensor"
             self._loader = DataLoader(
-                _Views(self.split), batch_sampler=self._plan, num_workers=w,
+                (_Encoded if tensor else _Views)(self.split), batch_sampler=self._plan,
+                collate_fn=_as_lists if tensor else None, num_workers=w,
                 persistent_workers=w > 0, pin_memory=self.device.type == "cuda",
                 prefetch_factor=4 if w > 0 else None,
                 multiprocessing_context="fork" if w > 0 else None)
         self._plan.batches = batches
-        for x, y in self._loader:
-            yield self._to_device(x, y)
+        for batch in self._loader:
+            yield self._tensor_views(*batch) if self.decode == "tensor" else self._to_device(*batch)
+
+    def _tensor_views(self, data: list, boxes: list, mirrored: list, labels: list
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode_jpeg call for the batch on the device, then each image's view there."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        from chipprune.data.shards.transforms import tensor_eval_view, tensor_train_view
+
+        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        side = self.split.side
+        x = torch.stack([
+            tensor_eval_view(img, side) if int(box[0]) < 0
+            else tensor_train_view(img, tuple(box.tolist()), m, side)
+            for img, box, m in zip(images, boxes, mirrored, strict=True)])
+        return x, torch.stack(labels).to(self.device)
 
     def _decoded(self, keys: list[tuple[int, int, bool]]) -> tuple[torch.Tensor, torch.Tensor]:
         """A few images decoded in this process (CHIP's sample, BN recalibration, parity)."""
+        if self.decode == "tensor":
+            views = _Encoded(self.split)
+            return self._tensor_views(*_as_lists([views[k] for k in keys]))
         views = _Views(self.split)
         items = [views[k] for k in keys]
         x = torch.stack([v for v, _ in items])

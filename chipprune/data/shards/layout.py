@@ -11,12 +11,19 @@ Each shard is a plain POSIX tar in WebDataset's convention (`<key>.<ext>` holdin
 image and `<key>.cls` its label as text), so `tar`, WebDataset and litdata can read it too;
 the index holds each image's byte range inside its tar, which gives us random access: an
 epoch is one seeded permutation of the whole split, as for the in-memory tensors.
+
+Files are reached through fsspec, so the folder may be local or any URL fsspec reads with
+range requests (s3://, gs://, az://, http(s)://, or dvc:// for a DVC-tracked folder read
+from the project's DVC remote): an image is one ranged read from its shard.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
+import fsspec
 import torch
 
 from ..dataset import DataFileError
@@ -33,14 +40,30 @@ def shard_name(split: str, k: int) -> str:
     return f"{SHARDS_DIR}/{split}-{k:05d}.tar"
 
 
-def load_index(out_dir: Path, meta: dict, split: str) -> dict[str, torch.Tensor]:
+def filesystem(location: str | Path, **storage_options: Any) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for a local folder or a URL."""
+    protocol, _ = fsspec.core.split_protocol(str(location))
+    cls = fsspec.get_filesystem_class(protocol or "file")
+    return cls(**storage_options), cls._strip_protocol(str(location)).rstrip("/")
+
+
+def read_meta(fs: Any, root: str) -> dict:
+    path = f"{root}/meta.json"
+    if not fs.isfile(path):
+        raise DataFileError(path, "missing: not a prepared dataset (run the prepare stage)")
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def load_index(fs: Any, root: str, meta: dict, split: str) -> dict[str, torch.Tensor]:
     """The split's index, checked against meta: every shard it names is present with the
     recorded size, every image's byte range lies inside its shard, labels are in range."""
-    path = index_path(out_dir, split)
-    if not path.is_file():
+    path = f"{root}/{index_path('', split).name}"
+    if not fs.isfile(path):
         raise DataFileError(path, "missing")
     try:
-        index = torch.load(path, map_location="cpu", weights_only=True)
+        with fs.open(path, "rb") as f:
+            index = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise DataFileError(path, f"torch.load failed, truncated or corrupt? ({exc})") from exc
     if not isinstance(index, dict) or sorted(index) != sorted(INDEX_KEYS):
@@ -50,18 +73,21 @@ def load_index(out_dir: Path, meta: dict, split: str) -> dict[str, torch.Tensor]
         raise DataFileError(path, f"every index tensor must have {n} entries (meta sizes)")
     shards = meta["shards"][split]
     sizes = torch.tensor([s["bytes"] for s in shards] + [0], dtype=torch.int64)
+    present = {Path(e["name"]).name: e["size"]
+               for e in (fs.ls(f"{root}/{SHARDS_DIR}", detail=True)
+                         if fs.isdir(f"{root}/{SHARDS_DIR}") else [])}
     for s in shards:
-        f = out_dir / s["file"]
-        if not f.is_file():
+        f, name = f"{root}/{s['file']}", Path(s["file"]).name
+        if name not in present:
             raise DataFileError(f, f"missing: the index of split {split!r} names it")
-        if f.stat().st_size != s["bytes"]:
-            raise DataFileError(f, f"{f.stat().st_size} bytes, the index recorded {s['bytes']} "
+        if present[name] is not None and present[name] != s["bytes"]:  # None: not listed
+            raise DataFileError(f, f"{present[name]} bytes, the index recorded {s['bytes']} "
                                    "(truncated or replaced?)")
-    on_disk = sorted(p.name for p in (out_dir / SHARDS_DIR).glob(f"{split}-*.tar"))
+    on_disk = sorted(n for n in present if n.startswith(f"{split}-") and n.endswith(".tar"))
     listed = sorted(Path(s["file"]).name for s in shards)
     if on_disk != listed:
         extra = sorted(set(on_disk) - set(listed))
-        raise DataFileError(out_dir / SHARDS_DIR, f"shards not in the index of {split!r}: {extra}")
+        raise DataFileError(f"{root}/{SHARDS_DIR}", f"shards not in the index of {split!r}: {extra}")
     shard = index["shard"].to(torch.int64)
     if n and (shard.min() < 0 or shard.max() >= len(shards)):
         raise DataFileError(path, f"shard numbers outside 0..{len(shards) - 1}")

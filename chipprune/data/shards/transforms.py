@@ -72,14 +72,50 @@ def to_chw(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(a.copy()).permute(2, 0, 1)
 
 
+def train_draw(w: int, h: int, seed: int, flip: bool) -> tuple[tuple[int, int, int, int], bool]:
+    """The training view's random choices for a w x h image: the crop box and the mirror."""
+    rng = random.Random(seed)
+    box = random_resized_box(w, h, rng)
+    return box, flip and rng.random() < 0.5
+
+
 def train_view(img: Image.Image, size: int, seed: int, flip: bool) -> torch.Tensor:
     """Random-resized crop to size x size (bilinear, antialiased) and a coin-flip mirror."""
-    rng = random.Random(seed)
-    box = random_resized_box(img.width, img.height, rng)
+    box, mirrored = train_draw(img.width, img.height, seed, flip)
     out = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
-    if flip and rng.random() < 0.5:
+    if mirrored:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return to_chw(out)
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the encoded image's header, without decoding it."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
+
+
+# The same views on decoded (C, H, W) uint8 tensors, for batched decoding on the GPU
+# (torchvision.io.decode_jpeg): crop, then resize with antialiasing, as torchvision's
+# RandomResizedCrop / Resize + CenterCrop do on tensors. Equal to the PIL views up to the
+# two libraries' resampling (tested within a few grey levels), not bit for bit.
+
+
+def tensor_train_view(img: torch.Tensor, box: tuple[int, int, int, int], mirrored: bool,
+                      size: int) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as TF
+
+    left, top, right, bottom = box
+    out = TF.resize(img[:, top:bottom, left:right], [size, size], antialias=True)
+    return out.flip(-1) if mirrored else out
+
+
+def tensor_eval_view(img: torch.Tensor, size: int) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as TF
+
+    out = TF.resize(img, [int(size / EVAL_CROP_FRACTION)], antialias=True)
+    h, w = out.shape[-2:]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return out[:, top : top + size, left : left + size]
 
 
 def eval_view(img: Image.Image, size: int) -> torch.Tensor:

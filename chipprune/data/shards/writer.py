@@ -58,6 +58,7 @@ class WrittenSplit:
     skipped: list[str] = field(default_factory=list)
     sums: np.ndarray | None = None  # (C, 2) channel sums, and the pixel count in `pixels`
     pixels: int = 0
+    formats: list[str] = field(default_factory=list)  # the stored files' extensions
 
 
 def _encode(job: tuple[Source, int, int | None]) -> Encoded:
@@ -135,6 +136,7 @@ def write_split(
     pixels = 0
     tar: tarfile.TarFile | None = None
     count = 0
+    formats: set[str] = set()
 
     def close() -> None:
         assert tar is not None
@@ -161,6 +163,7 @@ def write_split(
         key = f"{len(label):08d}"
         offset.append(_add(tar, f"{key}.{enc.ext}", enc.data))
         _add(tar, f"{key}.cls", str(enc.label).encode())
+        formats.add(enc.ext)
         shard.append(len(shards) - 1)
         size.append(len(enc.data))
         label.append(enc.label)
@@ -176,5 +179,5 @@ def write_split(
         "size": torch.tensor(size, dtype=torch.int64),
         "label": torch.tensor(label, dtype=torch.int64),
     }
-    return WrittenSplit(index, shards, digests, skipped, sums, pixels)
+    return WrittenSplit(index, shards, digests, skipped, sums, pixels, sorted(formats))
 
