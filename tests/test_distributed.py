@@ -99,6 +99,48 @@ def test_two_gloo_processes_match_one_process(digits, tmp_path, capfd):
                     assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (h, k)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_torchrun_nodes_match_one_process(digits, tmp_path):
+    """Multi-node data parallel as a user starts it, one `torchrun --nnodes 2` per box, here
+    both boxes on this machine (one process per "node", c10d rendezvous on 127.0.0.1):
+    the float64 result of one process, as two local ranks give it, and the nodes agree."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def node(rank: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+             "--nproc-per-node", "1", "--node-rank", str(rank), "--rdzv-backend", "c10d",
+             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "chipprune-test",
+             "-m", "tests._ddp_worker", str(digits), str(tmp_path), "float64-sync"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
+
+    nodes = [node(0), node(1)]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    ranks = [torch.load(tmp_path / f"float64-sync-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    one = run(digits, "float64-sync")
+    for key in ("dense", "chipnet"):
+        for k, t in ranks[0][key].items():
+            assert torch.equal(t, ranks[1][key][k]), (key, k)
+        assert _max_diff(ranks[0][key], one[key], buffers=False) < TOL, key
+        assert _max_diff(ranks[0][key], one[key], buffers=True) < 10 * TOL, key
+    assert all(torch.equal(ranks[0]["keep"][g], one["keep"][g]) for g in one["keep"])
+
+
 # Loaded by every process of the stage (sitecustomize): a non-zero rank reports each file it
 # opens for writing, creates, renames or removes inside the workspace, and any sqlite
 # (MLflow) connection there. The project writes files through Python's open (chipprune.atomic),
