@@ -4,6 +4,7 @@ configuration prunes to what the published tables imply under our counting conve
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -210,6 +211,21 @@ def test_smoke_params_keep_the_recipe_but_shrink_data_and_schedule():
     assert list(chipnet["datasets"]) == ["cifar10"]
     assert chipnet["prune"]["models"] == ["wrn26_12", "resnet50", "resnet101"]  # every model
     parse_params(chipnet)  # a valid params file
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_resolves_for_a_real_run(recipe, tmp_path):
+    """`dvc repro` with the recipe as params.yaml, as `pipelines.recipe` runs it: every
+    stage of dvc.yaml resolves and every params key a stage reads is set (the smoke run
+    fills in the sections it shrinks, so it cannot see a key the recipe lacks)."""
+    from dvc.repo import Repo
+
+    from pipelines.smoke import missing_params
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(recipe, tmp_path / "params.yaml")
+    Repo.init(str(tmp_path), no_scm=True).close()
+    assert missing_params(tmp_path, yaml.safe_load(recipe.read_text())) == []
 
 
 # seconds alone here, for the order pytest-xdist hands the runs out in (heaviest first)
