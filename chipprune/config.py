@@ -386,6 +386,10 @@ class LearnMasksConfig(Strict):
     # default: 600 steps where CIFAR has 28,000) the gates are far from crisp and the
     # learned weights' binarised model is near chance; the masks themselves are good.
     finetune_from: Literal["learned", "dense"] = "learned"
+    # The budget loss's channel count: the authors' sigmoid(steep (z - 0.5)) ("soft"), or
+    # the hard count with the gradient of sum z ("straight_through", ours), whose gradient
+    # does not vanish with the steepness (see ChannelGates.soft_count_vector).
+    budget_count: Literal["soft", "straight_through"] = "soft"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool = True

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         model, gates, budget, kind, target, val,
         w_budget=cfg.w_budget, w_crisp=cfg.w_crisp, eval_batch_size=cfg.eval_batch_size,
         calibration=train, calibration_batches=cfg.bn_recalibration_batches,
-        round_to=params.prune.round_to if params.prune else 1,
+        round_to=params.prune.round_to if params.prune else 1, budget_count=cfg.budget_count,
     )
     out = Path(args.out_dir)
     dense_sha = tracking.file_sha256(args.dense_ckpt)

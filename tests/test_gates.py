@@ -65,3 +65,24 @@ def test_zeta_initialised_in_0_to_0_01():
     gates = ChannelGates({"a": 1000}, generator=torch.Generator().manual_seed(1))
     z = gates.zeta[0]
     assert float(z.min()) >= 0.0 and float(z.max()) <= 0.01
+
+
+def test_straight_through_count_is_the_hard_count_and_never_saturates():
+    """The authors' soft count of a group whose gates are all near 0 is ~1e-13 with no
+    gradient at steepness 60; the straight-through count is the number of z > 0.5 with the
+    gradient of sum z, one per gate, whatever z is."""
+    gates = ChannelGates({"a": 4, "b": 2})
+    gates.beta, gates.gamma, gates.steep = 1.0, 256.0, 60.0
+    with torch.no_grad():
+        gates.zeta[0].copy_(torch.tensor([-30.0, -30.0, -30.0, -30.0]))  # a closed group
+        gates.zeta[1].copy_(torch.tensor([30.0, -30.0]))
+    soft = gates.soft_count_vector()
+    assert float(soft[0]) < 1e-10
+    (grad_soft,) = torch.autograd.grad(soft.sum(), gates.zeta[0], retain_graph=True)
+    assert float(grad_soft.abs().max()) < 1e-20
+    st = gates.soft_count_vector(straight_through=True)
+    assert st.tolist() == [0.0, 1.0]
+    _, z = gates.values()
+    (dz,) = torch.autograd.grad(z[:4].sum(), gates.zeta[0], retain_graph=True)
+    (grad_st,) = torch.autograd.grad(st[0], gates.zeta[0], retain_graph=True)
+    assert torch.equal(grad_st, dz)  # d(count)/d(zeta) = dz/dzeta: the count's gradient is z's

@@ -109,6 +109,7 @@ class ChipNetHooks(TrainHooks):
         calibration_batches: int = 0,
         calibration_batch_size: int = 128,
         round_to: int = 1,
+        budget_count: str = "soft",
     ):
         self.model, self.gates, self.budget = model, gates, budget
         self.kind, self.target, self.val = kind, target, val
@@ -119,6 +120,7 @@ class ChipNetHooks(TrainHooks):
         self.calibration, self.calibration_batches = calibration, calibration_batches
         self.calibration_batch_size = calibration_batch_size
         self.round_to = round_to  # hardware-friendly widths (see keep_at_budget)
+        self.straight_through = budget_count == "straight_through"  # see soft_count_vector
         if gates.groups != budget.groups:
             raise ValueError("gates and budget model describe different groups")
         self.best: BestHard | None = None
@@ -136,7 +138,7 @@ class ChipNetHooks(TrainHooks):
 
     def extra_loss(self, model: nn.Module):
         # the gates' values from this step's forward: no second computation
-        soft = self.budget.fraction(self.kind, self.gates.soft_count_vector())
+        soft = self.budget.fraction(self.kind, self.gates.soft_count_vector(self.straight_through))
         budget_loss = (soft - self.target) ** 2
         crisp = self.gates.crispness_loss()
         logs = {"budget_loss": budget_loss, "crisp_loss": crisp, "soft_budget": soft}

@@ -131,11 +131,20 @@ class ChannelGates(nn.Module):
         psi, z = self.values()
         return (z - psi).pow(2).mean()
 
-    def soft_count_vector(self) -> torch.Tensor:
-        """(G,) soft kept channels per group, in group order: sum of sigmoid(steep (z - 0.5))."""
+    def soft_count_vector(self, straight_through: bool = False) -> torch.Tensor:
+        """(G,) soft kept channels per group, in group order: sum of sigmoid(steep (z - 0.5)).
+
+        straight_through (ours, not the authors'): the count is the hard one, gates with
+        z > 0.5, and its gradient that of sum z. The authors' sigmoid saturates: once a
+        group's z are all near 0 its count has no gradient at steepness 60 (sigmoid(-30) is
+        1e-13), so a budget overshot downwards cannot pull channels back open; sum z keeps
+        the gradient z has (it fades only where psi itself saturates)."""
         _, z = self.values()
-        soft = torch.sigmoid(self.steep * (z - 0.5))
-        return soft.new_zeros(len(self.sizes)).index_add(0, self.group_index, soft)
+        if straight_through:
+            count = (z > 0.5).to(z.dtype) + (z - z.detach())
+        else:
+            count = torch.sigmoid(self.steep * (z - 0.5))
+        return count.new_zeros(len(self.sizes)).index_add(0, self.group_index, count)
 
     def soft_counts(self) -> dict[str, torch.Tensor]:
         """Soft number of kept channels per group: sum of sigmoid(steep * (z - 0.5))."""
