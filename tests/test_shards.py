@@ -365,3 +365,50 @@ def test_prepare_stage_exit_2_and_no_output(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"{bad}: not a readable image" in proc.stderr
     assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_imagenet_official_archives(tmp_path, monkeypatch):
+    """The three ILSVRC2012 archives as ImageNet ships them (a train tar of per-class tars,
+    a flat val tar, the devkit with meta.mat and the val ground truth), parsed and extracted
+    by torchvision's ImageNet dataset. Only its md5 check of the archives is switched off:
+    fakes cannot have the real archives' checksums."""
+    import scipy.io
+    import torchvision.datasets.imagenet as tv_imagenet
+
+    monkeypatch.setattr(tv_imagenet, "_verify_archive", lambda *a, **k: None)
+    root, work = tmp_path / "in1k", tmp_path / "work"
+    root.mkdir()
+    for c, w in enumerate(WNIDS):  # train: one tar per class inside the train tar
+        for k in range(2):
+            jpeg(work / "train" / w / f"{w}_{k}.JPEG", 60, 40, 10 * c + k)
+        with tarfile.open(work / f"{w}.tar", "w") as t:
+            for f in sorted((work / "train" / w).iterdir()):
+                t.add(f, arcname=f.name)
+    with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as t:
+        for w in WNIDS:
+            t.add(work / f"{w}.tar", arcname=f"{w}.tar")
+    truth = [3, 1, 2, 3]  # ILSVRC2012_ID of each val image, 1-based, in file order
+    with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as t:
+        for k in range(len(truth)):
+            name = f"ILSVRC2012_val_{k + 1:08d}.JPEG"
+            jpeg(work / "val" / name, 40, 60, 70 + k)
+            t.add(work / "val" / name, arcname=name)
+    devkit = work / "ILSVRC2012_devkit_t12" / "data"
+    devkit.mkdir(parents=True)
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
+              "wordnet_height", "num_train_images"]
+    synsets = np.zeros((len(WNIDS) + 1,), dtype=[(f, object) for f in fields])
+    for i, w in enumerate([*WNIDS, "n00000001"]):  # the last: an inner node, not a class
+        leaf = i < len(WNIDS)
+        synsets[i] = (i + 1, w, f"class {i}", "", 0 if leaf else 3, np.array([]), 0, 2)
+    scipy.io.savemat(devkit / "meta.mat", {"synsets": synsets})
+    (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text(
+        "\n".join(map(str, truth)) + "\n")
+    with tarfile.open(root / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as t:
+        t.add(work / "ILSVRC2012_devkit_t12", arcname="ILSVRC2012_devkit_t12")
+
+    meta = prepare_shards("imagenet", tmp_path / "out", root=root, image_size=32, val_size=1)
+    assert meta["classes"] == WNIDS and meta["sizes"] == {"train": 5, "val": 1, "test": 4}
+    labels = torch.load(index_path(tmp_path / "out", "test"), weights_only=True)["label"]
+    assert labels.tolist() == [0, 1, 2, 2]  # IDs 3, 1, 2, 3, now listed by class folder
+    assert sorted(p.name for p in (root / "val").iterdir()) == WNIDS  # as torchvision sorts
