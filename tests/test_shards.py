@@ -321,6 +321,15 @@ def test_corrupt_jpeg_is_named_or_skipped(tmp_path):
     assert meta["sizes"]["train"] + meta["sizes"]["val"] == 11
 
 
+def test_bad_worker_count_is_a_config_error(sharded, monkeypatch):
+    from chipprune.config import ConfigError
+
+    out, meta = sharded
+    monkeypatch.setenv("CHIPPRUNE_DATA_WORKERS", "two")
+    with pytest.raises(ConfigError, match="CHIPPRUNE_DATA_WORKERS must be a whole number"):
+        StreamData(out, "train", meta, "cpu")
+
+
 def test_unknown_wnid_in_annotations(tmp_path):
     root = tiny_imagenet(tmp_path)
     ann = root / "val" / "val_annotations.txt"

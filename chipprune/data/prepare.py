@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .cifar import read_cifar10, read_cifar100
-from .dataset import SPLITS, PreparedDataset, RawData, Split, channel_mean_std
+from .dataset import SPLITS, DataFileError, PreparedDataset, RawData, Split, channel_mean_std
 from .digits import read_digits
 from .imagefolder import decoded_listing, imagefolder_listing
 from .imagenet import imagenet_listing
@@ -226,7 +226,8 @@ def prepare_shards(
                                     shard_size=shard_size, shard_side=shard_side,
                                     workers=workers, skip_corrupt=skip_corrupt)
         if not written[name].index["label"].numel() and name != "val":
-            raise ValueError(f"split {name!r} has no readable images")
+            raise DataFileError(root or out_dir, f"split {name!r} has no readable images "
+                                                 f"({len(written[name].skipped)} skipped)")
     t = written["train"]
     mean = t.sums[:, 0] / max(1, t.pixels)
     std = (t.sums[:, 1] / max(1, t.pixels) - mean * mean).clip(min=0.0) ** 0.5

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from chipprune.config import AugmentConfig
+from chipprune.config import AugmentConfig, ConfigError
 from chipprune.data.shards import ShardedSplit
 from chipprune.training import distributed
 from chipprune.training.sources import step_indices
@@ -37,7 +37,7 @@ def default_workers() -> int:
     value = os.environ.get(WORKERS_ENV)
     if value is not None:
         if not value.isdigit():
-            raise ValueError(f"{WORKERS_ENV} must be a whole number of processes, got {value!r}")
+            raise ConfigError(f"{WORKERS_ENV} must be a whole number of processes, got {value!r}")
         return int(value)
     return min(8, os.cpu_count() or 1)
 
