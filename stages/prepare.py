@@ -8,12 +8,11 @@ large for memory) tar shards of encoded images with an index per split + meta.js
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from chipprune.atomic import write_text
 from chipprune.config import ConfigError, load_params
 from chipprune.data import prepare_dataset, save_prepared
+from chipprune.data.artifact import write_meta
 from chipprune.data.prepare import memory_bytes, prepare_shards
 from chipprune.reporting import tracking
 from stages._common import atomic_dir, run_main
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
                                       shard_size=cfg.shard_size, workers=cfg.workers,
                                       skip_corrupt=cfg.skip_corrupt, **common)
                 meta["name"] = args.name
-                write_text(tmp / "meta.json", json.dumps(meta, sort_keys=True, indent=2) + "\n")
+                write_meta(tmp, meta)
             else:
                 meta = ds.meta
                 meta["name"] = args.name

@@ -93,9 +93,13 @@ def save_prepared(ds: PreparedDataset, out_dir: str | Path) -> None:
         # the temp file's random name would make the bytes (and DVC's hash) differ run to run.
         with atomic_path(split_path(out_dir, name)) as tmp, open(tmp, "wb") as f:
             torch.save(payload, f)
-    write_text(
-        out_dir / META_FILE, json.dumps(ds.meta, sort_keys=True, indent=2, allow_nan=False) + "\n"
-    )
+    write_meta(out_dir, ds.meta)
+
+
+def write_meta(out_dir: str | Path, meta: dict) -> None:
+    """out_dir/meta.json, atomically; written last, so its presence means complete."""
+    write_text(Path(out_dir) / META_FILE,
+               json.dumps(meta, sort_keys=True, indent=2, allow_nan=False) + "\n")
 
 
 def load_meta(out_dir: str | Path) -> dict:

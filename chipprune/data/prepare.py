@@ -3,6 +3,7 @@ prepare_shards: the same splits written as tar shards of encoded images (large s
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -165,84 +166,51 @@ def prepare_shards(
     source: str,
     out_dir: str | Path,
     *,
-    root: str | Path | None = None,
-    download: bool = False,
-    classes: list[int] | None = None,
-    val_size: int | float = 0.1,
-    seed: int = 0,
-    image_size: int | None = None,
-    synthetic: dict | None = None,
     shard_side: int | None = None,
     shard_size: int = 1000,
     workers: int = 1,
     skip_corrupt: bool = False,
+    **reading,
 ) -> dict:
-    """Write the train/val/test splits prepare_dataset would make as shards into out_dir
-    (index files, shards; not meta.json) and return the meta: prepare_dataset's keys, with
-    mean and std over the stored training images, plus storage, shard_side and shards.
+    """Write the train/val/test splits prepare_dataset(source, **reading) would make as
+    shards into out_dir (index files, shards; not meta.json) and return the meta:
+    prepare_dataset's keys plus storage, shard_side, shards, skipped and formats.
 
     File sources are stored as their files are (re-encoded only where the short side
-    exceeds shard_side); array sources as PNG. image_size is the side the model sees (the
-    crop), image_shape is [C, image_size, image_size]."""
+    exceeds shard_side), mean and std taken over the stored training images; array sources
+    are prepare_dataset's splits as PNG (lossless: its mean and std hold). image_size is
+    the side the model sees (the crop), image_shape is [C, image_size, image_size]."""
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
     out_dir = Path(out_dir)
     if source in LISTINGS:
-        if image_size is None:
-            raise ValueError(f"source {source!r} needs image_size (the side the model sees)")
-        listing = LISTINGS[source](root, download)
-        base = listing.root
-        channels = 3
-
-        def sources_of(pairs: list) -> list[Source]:
-            return [Source(p.relative_to(base).as_posix(), y, path=p) for p, y in pairs]
-
-        names, train, test = class_subset(listing.classes, listing.train, listing.test, classes,
-                                          listed_subset)
-        n_train = len(train)
-        train_idx, val_idx = train_val_indices(n_train, val_count(val_size, n_train), seed)
-        split_sources = {"train": sources_of([train[i] for i in train_idx.tolist()]),
-                         "val": sources_of([train[i] for i in val_idx.tolist()]),
-                         "test": sources_of(test)}
+        meta, split_sources = _listed_splits(source, **reading)
     else:
-        raw = raw_data(source, root, download=download, image_size=image_size,
-                       synthetic=synthetic)
-        names, train, test = class_subset(raw.classes, raw.train, raw.test, classes, relabelled)
-        channels, image_size = train.images.shape[1], train.images.shape[-1]
+        ds = prepare_dataset(source, **reading)
+        meta, channels = ds.meta, ds.meta["image_shape"][0]
         if channels not in (1, 3):
             raise ValueError(f"shards hold 1- or 3-channel images, {source!r} has {channels}")
-        train_idx, val_idx = train_val_indices(len(train), val_count(val_size, len(train)), seed)
-
-        def array_sources(split: Split, name: str) -> list[Source]:
-            return [Source(f"{name}/{i}", int(split.labels[i]), pixels=split.images[i])
-                    for i in range(len(split))]
-
-        split_sources = {"train": array_sources(train.subset(train_idx), "train"),
-                         "val": array_sources(train.subset(val_idx), "val"),
-                         "test": array_sources(test, "test")}
+        split_sources = {name: [Source(f"{name}/{i}", int(split.labels[i]), pixels=split.images[i])
+                                for i in range(len(split))]
+                         for name, split in ds.splits.items()}
     written = {}
     for name in SPLITS:
-        written[name] = write_split(out_dir, name, split_sources[name], channels=channels,
-                                    shard_size=shard_size, shard_side=shard_side,
-                                    workers=workers, skip_corrupt=skip_corrupt)
+        written[name] = write_split(out_dir, name, split_sources[name],
+                                    channels=meta["image_shape"][0], shard_size=shard_size,
+                                    shard_side=shard_side, workers=workers,
+                                    skip_corrupt=skip_corrupt)
         if not written[name].index["label"].numel() and name != "val":
-            raise DataFileError(root or out_dir, f"split {name!r} has no readable images "
-                                                 f"({len(written[name].skipped)} skipped)")
-    t = written["train"]
-    mean = t.sums[:, 0] / max(1, t.pixels)
-    std = (t.sums[:, 1] / max(1, t.pixels) - mean * mean).clip(min=0.0) ** 0.5
-    digests = [d for name in SPLITS for d in written[name].digests]
-    meta = {
-        "name": source,
-        "classes": names,
-        "num_classes": len(names),
-        "image_shape": [channels, image_size, image_size],
-        "mean": mean.tolist(),
-        "std": std.tolist(),
-        "split_seed": seed,
-        "val_size": val_size,
-        "source_sha256": raw.source_sha256 if source not in LISTINGS else combined_sha256(digests),
-        "class_subset": None if classes is None else list(classes),
+            raise DataFileError(reading.get("root") or out_dir,
+                                f"split {name!r} has no readable images "
+                                f"({len(written[name].skipped)} skipped)")
+    if source in LISTINGS:  # over the pixels as stored, which is what the loader decodes
+        t = written["train"]
+        mean = t.sums[:, 0] / max(1, t.pixels)
+        std = (t.sums[:, 1] / max(1, t.pixels) - mean * mean).clip(min=0.0) ** 0.5
+        digests = [d for name in SPLITS for d in written[name].digests]
+        meta |= {"mean": mean.tolist(), "std": std.tolist(),
+                 "source_sha256": combined_sha256(digests)}
+    meta |= {
         "sizes": {s: len(written[s].index["label"]) for s in SPLITS},
         "storage": "shards",
         "shard_side": shard_side,
@@ -254,3 +222,31 @@ def prepare_shards(
         with open(index_path(out_dir, name), "wb") as f:
             torch.save(written[name].index, f)
     return meta
+
+
+def _listed_splits(source: str, **reading) -> tuple[dict, dict[str, list[Source]]]:
+    """A file source's meta (without mean, std and checksum, which come from the written
+    shards) and its carved splits as files to shard, with prepare_dataset's keywords."""
+    args = inspect.signature(prepare_dataset).bind(source, **reading)
+    args.apply_defaults()  # one set of defaults: prepare_dataset's
+    a = args.arguments
+    if a["image_size"] is None:
+        raise ValueError(f"source {source!r} needs image_size (the side the model sees)")
+    listing = LISTINGS[source](a["root"], a["download"])
+    names, train, test = class_subset(listing.classes, listing.train, listing.test, a["classes"],
+                                      listed_subset)
+    train_idx, val_idx = train_val_indices(len(train), val_count(a["val_size"], len(train)),
+                                           a["seed"])
+
+    def files(pairs: list) -> list[Source]:
+        return [Source(p.relative_to(listing.root).as_posix(), y, path=p) for p, y in pairs]
+
+    splits = {"train": files([train[i] for i in train_idx.tolist()]),
+              "val": files([train[i] for i in val_idx.tolist()]), "test": files(test)}
+    meta = {
+        "name": source, "classes": names, "num_classes": len(names),
+        "image_shape": [3, a["image_size"], a["image_size"]], "split_seed": a["seed"],
+        "val_size": a["val_size"],
+        "class_subset": None if a["classes"] is None else list(a["classes"]),
+    }
+    return meta, splits

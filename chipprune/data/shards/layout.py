@@ -32,8 +32,12 @@ SHARDS_DIR = "shards"
 INDEX_KEYS = ("shard", "offset", "size", "label")
 
 
+def index_name(split: str) -> str:
+    return f"{split}.index.pt"
+
+
 def index_path(out_dir: str | Path, split: str) -> Path:
-    return Path(out_dir) / f"{split}.index.pt"
+    return Path(out_dir) / index_name(split)
 
 
 def shard_name(split: str, k: int) -> str:
@@ -58,7 +62,7 @@ def read_meta(fs: Any, root: str) -> dict:
 def load_index(fs: Any, root: str, meta: dict, split: str) -> dict[str, torch.Tensor]:
     """The split's index, checked against meta: every shard it names is present with the
     recorded size, every image's byte range lies inside its shard, labels are in range."""
-    path = f"{root}/{index_path('', split).name}"
+    path = f"{root}/{index_name(split)}"
     if not fs.isfile(path):
         raise DataFileError(path, "missing")
     try:

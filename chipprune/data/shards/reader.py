@@ -67,13 +67,11 @@ class ShardedSplit:
 
     def view(self, i: int, seed: int | None, flip: bool = True) -> torch.Tensor:
         """Image i as (C, side, side) uint8: the training view for a seed, else the eval view."""
+        data = self.read(i)
         try:
-            img = decode(self.read(i), self.channels)
-        except DataFileError:
-            raise
-        except Exception as exc:
-            raise DataFileError(self.where(i), f"not a readable image ({type(exc).__name__}: "
-                                               f"{exc})") from exc
+            img = decode(data, self.channels)
+        except Exception as exc:  # PIL raises many types for a bad file
+            raise self._unreadable(i, exc) from exc
         return eval_view(img, self.side) if seed is None else train_view(img, self.side, seed, flip)
 
     def draw(self, i: int, seed: int | None, flip: bool = True
@@ -86,10 +84,12 @@ class ShardedSplit:
         try:
             w, h = image_size(data)
         except Exception as exc:
-            raise DataFileError(self.where(i), f"not a readable image ({type(exc).__name__}: "
-                                               f"{exc})") from exc
+            raise self._unreadable(i, exc) from exc
         box, mirrored = train_draw(w, h, seed, flip)
         return data, box, mirrored
+
+    def _unreadable(self, i: int, exc: Exception) -> DataFileError:
+        return DataFileError(self.where(i), f"not a readable image ({type(exc).__name__}: {exc})")
 
     def close(self) -> None:
         for fd in self._fds.values():

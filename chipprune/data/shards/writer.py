@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..dataset import DataFileError
+from ..sourcefiles import file_sha256
 from .layout import SHARDS_DIR, shard_name
 from .transforms import MODES, decode, short_side_resized
 
@@ -107,14 +108,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> int:
     return offset
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_split(
     out_dir: Path,
     split: str,
@@ -142,7 +135,7 @@ def write_split(
         assert tar is not None
         tar.close()
         f = out_dir / shards[-1]["file"]
-        shards[-1].update(bytes=f.stat().st_size, sha256=file_sha256(f), count=count)
+        shards[-1].update(bytes=f.stat().st_size, sha256=file_sha256(f).hex(), count=count)
 
     jobs = [(s, channels, shard_side) for s in sources]
     for enc in _encoded(jobs, workers):
