@@ -77,8 +77,8 @@ serve: setup
 	@for i in $$(seq 90); do curl -fs $$PREFECT_API_URL/health > /dev/null && exit 0; sleep 1; done; \
 	  echo "no Prefect server at $$PREFECT_API_URL"; exit 1
 	prefect work-pool create chipprune-pool --type process --overwrite
-	prefect --no-prompt deploy --all
-	prefect worker start --pool chipprune-pool
+	python -m pipelines.deployments deploy
+	CHIPPRUNE_REPO=$(CURDIR) prefect worker start --pool chipprune-pool
 
 serve-stop:
 	prefect server stop

@@ -1,6 +1,7 @@
 """Prefect flows over the DVC pipeline: `pruning_pipeline` reproduces dvc.yaml one task per
-stage under one MLflow parent run; `sweep` runs params overrides as experiments (each a
-`dvc repro` in a temporary copy of the repo) and gathers their metrics into one table.
+stage under one MLflow parent run; `reproduce_experiment` reproduces it with one params override in a
+temporary copy of the repo; `sweep` runs many experiments, here or on a work pool's workers,
+and gathers their metrics into one table.
 
 `python -m pipelines.flows [TARGET ...]` runs the pipeline flow once."""
 
@@ -9,18 +10,21 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import allow_failure, flow
-from prefect.futures import PrefectFuture
-from prefect.runtime import deployment, flow_run
+from prefect import allow_failure, flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import deployment, flow_run, task_run
 
+from chipprune.config import ConfigError
 from pipelines import sweep_tasks
-from pipelines.graph import StageSpec, plan_stages
+from pipelines.graph import StageSpec, plan_stages, shared_stages
 from pipelines.tasks import (
     ParentRun,
     StageOutcome,
@@ -28,6 +32,7 @@ from pipelines.tasks import (
     ensure_writer_limit,
     open_parent_run,
     reproduce_stage,
+    retry_on,
     stale_stages,
     writer_slot,
 )
@@ -150,6 +155,104 @@ def pruning_pipeline(
     )
 
 
+class ExperimentCrashed(RuntimeError):
+    """An experiment's flow run ended Crashed (its machine or worker died): retried once."""
+
+
+class ExperimentFailed(RuntimeError):
+    """An experiment's flow run failed (a stage failed): not retried, it would fail again."""
+
+
+@flow(name="chipprune-experiment", flow_run_name="{name}")
+def reproduce_experiment(
+    name: str,
+    overrides: dict[str, Any],
+    repo: str | None = None,
+    dvc_targets: list[str] | None = None,
+    mlflow_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    mlflow_experiment: str = "chipprune",
+    artifact_root: str | None = None,
+    remote: bool = False,
+    keep_workspace: bool = False,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """One params override as `dvc repro [dvc_targets]` in a temporary copy of `repo` that
+    shares its DVC cache; returns one row per model it evaluated (its metrics, the worker
+    that ran it, what DVC did with each stage), also stored as this flow run's table
+    artifact, which is how a sweep on another machine reads them.
+
+    `repo` defaults to $CHIPPRUNE_REPO: a worker machine's own clone, set where its worker
+    is started (a process worker runs each flow run in a fresh temporary directory).
+    `remote`: `dvc repro --pull` fetches the DVC remote's run-cache first, so a stage another
+    machine already ran with the same inputs and params is checked out instead of run, and
+    `dvc push --run-cache` shares what this run made. Stage runs nest under `mlflow_run_id`.
+    `threads`: OMP_NUM_THREADS of its stages (when experiments share a machine's cores).
+    """
+    repo = repo or os.environ.get("CHIPPRUNE_REPO")
+    if not repo:
+        raise ConfigError("experiment: no repo; pass `repo` or start the worker with "
+                          "CHIPPRUNE_REPO=<its clone of the project>")
+    root = Path(repo).resolve()
+    worker = os.environ.get("PREFECT__WORKER_NAME") or "local"  # set by Prefect's workers
+    host = socket.gethostname()
+    env = {"MLFLOW_EXPERIMENT_NAME": mlflow_experiment}
+    env.update({k: v for k, v in (("MLFLOW_TRACKING_URI", tracking_uri),
+                                  ("MLFLOW_PARENT_RUN_ID", mlflow_run_id),
+                                  ("CHIPPRUNE_ARTIFACT_ROOT", artifact_root),
+                                  ("OMP_NUM_THREADS", threads and str(threads))) if v})
+    if mlflow_run_id and tracking_uri:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.set_tag(mlflow_run_id, "chipprune.worker", worker)
+        client.set_tag(mlflow_run_id, "chipprune.host", host)
+        client.set_tag(mlflow_run_id, "prefect.flow_run_id", str(flow_run.id or ""))
+    scratch = Path(tempfile.mkdtemp(prefix="chipprune-experiment-"))
+    targets = list(dvc_targets or [])
+    try:
+        ws = sweep_tasks.prepare_workspace(str(root), str(scratch / name), name, overrides)
+        env["CHIPPRUNE_ROOT"] = ws
+        sweep_tasks.dvc_step(ws, name, ["checkout", "--allow-missing"], env)
+        log = sweep_tasks.dvc_step(ws, name, ["repro", *(["--pull"] if remote else []), *targets], env)
+        if remote:
+            sweep_tasks.dvc_step(ws, name, ["push", "--run-cache", *targets], env)
+        outcomes = sweep_tasks.repro_outcomes(log)
+        about = {"worker": worker, "host": host,
+                 **{f"stages_{kind}": " ".join(stages) for kind, stages in outcomes.items()}}
+        rows = [{**row, **about} for row in sweep_tasks.evaluation_rows(name, overrides, ws)]
+        rows = rows or [{"experiment": name, "overrides": sweep_tasks.label(overrides), **about}]
+    finally:
+        if not keep_workspace:
+            shutil.rmtree(scratch, ignore_errors=True)
+    sweep_tasks.publish_result(rows)
+    return rows
+
+
+@task(task_run_name="{name}", cache_policy=NO_CACHE, retries=1,
+      retry_condition_fn=retry_on(ExperimentCrashed))
+def run_experiment(name: str, parameters: dict[str, Any], deployment_name: str | None) -> list[dict[str, Any]]:
+    """One experiment: in this process (a subflow), or as a flow run of `deployment_name` on
+    its work pool's workers (waited for). A flow run that ended Crashed is retried once, as a
+    new flow run that any live worker takes; `attempts` in the rows says so."""
+    attempt = task_run.run_count or 1
+    if deployment_name is None:
+        rows = reproduce_experiment(**parameters)
+    else:
+        from prefect.deployments import run_deployment
+
+        child = run_deployment(deployment_name, parameters=parameters, timeout=None,
+                               flow_run_name=f"{name}" + (f" (attempt {attempt})" if attempt > 1 else ""),
+                               poll_interval=2)
+        state = child.state
+        if state is None or state.is_crashed():
+            raise ExperimentCrashed(f"{name}: flow run {child.name} crashed ({state and state.message})")
+        if not state.is_completed():
+            raise ExperimentFailed(f"{name}: flow run {child.name} ended {state.name}: {state.message}")
+        rows = sweep_tasks.read_result(child.id)
+    return [{**row, "attempts": attempt} for row in rows]
+
+
 @flow(name="chipprune-sweep")
 def sweep(
     repo: str = ".",
@@ -162,6 +265,7 @@ def sweep(
     out: str | None = None,
     dvc_targets: list[str] | None = None,
     keep_workspaces: bool = False,
+    deployment_name: str | None = None,
 ) -> str:
     """Run params overrides as experiments and write one table of their DVC metrics to
     `<out>.csv` and `<out>.md` (relative to the repo; by default `results/sweep-<flow run
@@ -171,65 +275,76 @@ def sweep(
     `{"learn_masks.w_budget": 10}`; `+key` adds a key) or a grid: one experiment per
     methods x budgets x seeds point (a budget is TYPE-TARGET, e.g. flops-0.25; a missing
     axis keeps params.yaml's value; a seed sets `learn_masks.seed` and
-    `finetune.<method>.seed`). Every experiment's params
-    go through chipprune.config before anything runs.
+    `finetune.<method>.seed`). Every experiment's params go through chipprune.config before
+    anything runs.
 
-    Each experiment is `dvc repro` in its own temporary copy of the repo that shares the
-    repo's DVC cache: it never takes the workspace's DVC lock, unchanged stages are skipped,
-    and `jobs` experiments run at once (OMP_NUM_THREADS defaults to cores / jobs);
-    `dvc_targets` limits what each experiment reproduces (default: all of dvc.yaml). MLflow:
-    one sweep run, one nested run per experiment (overrides as params), stage runs below.
+    Each experiment is the `chipprune-experiment` flow (reproduce_experiment): `dvc repro` in its own temporary copy of a
+    repo, sharing that repo's DVC cache; `jobs` run at once; `dvc_targets` limits what each
+    reproduces (default: all of dvc.yaml). Without `deployment_name` they run here
+    (OMP_NUM_THREADS defaults to cores / jobs). With it (e.g.
+    `chipprune-experiment/experiment`), each is a flow run of that deployment on its work
+    pool's workers, one machine each, exchanging data through the repo's default DVC remote.
+    Either way, the stages every experiment would compute identically (the dense model, CHIP
+    scores) run first, once, and the experiments restore them from DVC's run-cache (the
+    remote's, on a pool). A flow run
+    that crashes (its worker died) is retried once on another worker. MLflow: one sweep run,
+    one nested run per experiment (overrides as params, worker as a tag), stage runs below.
     """
     root = Path(repo).resolve()
     experiments = overrides or sweep_tasks.grid_overrides(
         root, methods=methods, budgets=budgets, seeds=seeds
     )
     checked = sweep_tasks.validate_overrides(str(root), experiments)
+    remote = deployment_name is not None
+    if remote and not sweep_tasks.default_remote(root):
+        raise ConfigError(f"sweep on {deployment_name}: {root} has no default DVC remote; "
+                          "the workers exchange stage outputs through one (`dvc remote add -d`)")
     sweep_run = open_parent_run(
         str(root), experiment, run_name=f"sweep {flow_run.name or ''}".strip(),
         tags={**_prefect_tags(None), "chipprune.sweep": str(len(checked))},
     )
-    base_env = {
-        "MLFLOW_TRACKING_URI": sweep_run.tracking_uri,
-        "MLFLOW_EXPERIMENT_NAME": experiment,
-        "CHIPPRUNE_ARTIFACT_ROOT": os.environ.get("CHIPPRUNE_ARTIFACT_ROOT")
-        or (root / "mlartifacts").as_uri(),
+    common = {
+        "repo": None if remote else str(root),  # a worker's own clone ($CHIPPRUNE_REPO)
+        "dvc_targets": dvc_targets, "tracking_uri": sweep_run.tracking_uri,
+        "mlflow_experiment": experiment, "remote": remote,
+        # on a pool: the experiment's own location (a workers-wide one, set by the sweep's
+        # CHIPPRUNE_ARTIFACT_ROOT or the tracking server), not a path on this machine
+        "artifact_root": os.environ.get("CHIPPRUNE_ARTIFACT_ROOT")
+        or (None if remote else (root / "mlartifacts").as_uri()),
+        "keep_workspace": keep_workspaces,
     }
-    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
-        base_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    workdir = Path(tempfile.mkdtemp(prefix="chipprune-sweep-"))
+    if jobs > 1 and not remote and "OMP_NUM_THREADS" not in os.environ:
+        common["threads"] = max(1, (os.cpu_count() or 1) // jobs)  # jobs share these cores
     rows: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     table = ""
     try:
+        if len(checked) > 1:
+            _run_shared_stages(root, checked, common, sweep_run, deployment_name, dvc_targets)
         numbered = [(f"exp-{i:02d}", o) for i, o in enumerate(checked, 1)]
-        for start in range(0, len(numbered), max(1, jobs)):  # waves of `jobs` experiments
-            wave = []
-            for name, o in numbered[start : start + max(1, jobs)]:
-                run = open_parent_run(
+        runs: dict[str, ParentRun] = {}
+        in_flight: dict[str, PrefectFuture[list[dict[str, Any]]]] = {}
+        while numbered or in_flight:
+            while numbered and len(in_flight) < max(1, jobs):
+                name, o = numbered.pop(0)
+                runs[name] = open_parent_run(
                     str(root), experiment, run_name=name,
                     tags={"mlflow.parentRunId": sweep_run.run_id,
                           "chipprune.overrides": sweep_tasks.label(o)},
                     params={f"override.{k}": v for k, v in o.items()},
                 )
-                ws = str(workdir / name)
-                env = {**base_env, "MLFLOW_PARENT_RUN_ID": run.run_id, "CHIPPRUNE_ROOT": ws}
-                made = sweep_tasks.prepare_workspace.submit(str(root), ws, name, o)
-                checkout = sweep_tasks.dvc_step.submit(
-                    made, name, ["checkout", "--allow-missing"], env
-                )
-                repro = sweep_tasks.dvc_step.submit(
-                    made, name, ["repro", *(dvc_targets or [])], env, wait_for=[checkout]
-                )
-                metrics = sweep_tasks.evaluation_rows.submit(name, o, ws, wait_for=[repro])
-                wave.append((name, o, run, ws, metrics))
-            for name, _o, run, ws, metrics in wave:
-                metrics.wait()
-                if metrics.state.is_completed():
-                    rows += metrics.result()
-                else:
-                    failed[name] = "failed"
-                close_parent_run(ws, run, [], {name: "failed"} if name in failed else {})
+                parameters = {**common, "name": name, "overrides": o,
+                              "mlflow_run_id": runs[name].run_id}
+                in_flight[name] = run_experiment.submit(name, parameters, deployment_name)
+            done = next(iter(as_completed(list(in_flight.values()))))
+            name = next(n for n, f in in_flight.items() if f is done)
+            del in_flight[name]
+            done.wait()  # its final state, not the one the API reported a moment ago
+            if done.state.is_completed():
+                rows += [r for r in done.result() if "run" in r]
+            else:
+                failed[name] = "failed"
+            close_parent_run(str(root), runs[name], [], {name: "failed"} if name in failed else {})
         if rows:
             out = out or f"results/sweep-{flow_run.name or 'run'}"
             table = sweep_tasks.write_table(rows, str(root / out))
@@ -239,11 +354,38 @@ def sweep(
     finally:
         outputs = [table, str(Path(table).with_suffix(".md"))] if table else []
         close_parent_run(str(root), sweep_run, [], failed, artifacts=outputs)
-        if not keep_workspaces:
-            shutil.rmtree(workdir, ignore_errors=True)
     if failed:
         raise PipelineFailed(f"experiments that failed: {', '.join(failed)} (see their task logs)")
     return table
+
+
+def _run_shared_stages(
+    root: Path,
+    experiments: list[dict[str, Any]],
+    common: dict[str, Any],
+    sweep_run: ParentRun,
+    deployment_name: str | None,
+    dvc_targets: list[str] | None,
+) -> None:
+    """Reproduce, once, the stages every experiment would compute identically (into the DVC
+    cache and its run-cache, pushed to the remote on a pool); the experiments then restore
+    them from the run-cache instead of each computing them at the same time."""
+    plans = [sweep_tasks.experiment_plan(root, o, dvc_targets) for o in experiments]
+    shared = shared_stages(plans)
+    if not shared:
+        return
+    name = "shared-stages"
+    run = open_parent_run(str(root), common["mlflow_experiment"], run_name=name,
+                          tags={"mlflow.parentRunId": sweep_run.run_id,
+                                "chipprune.stages": " ".join(shared)})
+    parameters = {**common, "name": name, "overrides": experiments[0], "dvc_targets": shared,
+                  "mlflow_run_id": run.run_id}
+    try:
+        run_experiment(name, parameters, deployment_name)
+    except BaseException:
+        close_parent_run(str(root), run, [], {name: "failed"})
+        raise
+    close_parent_run(str(root), run, [], {})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@ params.yaml adds tasks here without a code change."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -18,6 +19,10 @@ class StageSpec:
     upstream: tuple[str, ...]  # the planned stages it depends on directly
     run_id_files: tuple[str, ...]  # its `mlflow_run.json` outs, relative to the repo root
     cmd: str = ""  # the command DVC resolved from dvc.yaml and params.yaml
+    # What decides the stage's result besides its input files: command, dependency and
+    # output paths, and the values of the params it reads (JSON). Two workspaces whose
+    # stage has one definition and the same upstream compute the same thing.
+    definition: str = ""
 
 
 def _rooted(root: Path, target: str) -> str:
@@ -51,6 +56,40 @@ def _run_id_files(stage: Any, root: Path) -> tuple[str, ...]:
                  if not PurePath(o.fs_path).suffix)
 
 
+def _definition(stage: Any, root: Path) -> str:
+    from dvc.dependency.param import ParamsDependency
+
+    params = {
+        Path(os.path.relpath(dep.fs_path, root)).as_posix(): dep.read_params()
+        for dep in stage.deps if isinstance(dep, ParamsDependency)
+    }
+    return json.dumps({
+        "cmd": stage.cmd,
+        "deps": sorted(dep.def_path for dep in stage.deps if not isinstance(dep, ParamsDependency)),
+        "params": params,
+        "outs": sorted(out.def_path for out in stage.outs),
+    }, sort_keys=True, default=str)
+
+
+def shared_stages(plans: list[list[StageSpec]]) -> list[str]:
+    """The stages every plan has with one definition and whose upstream stages are shared
+    too, in the first plan's order (dependencies first): what a set of experiments would
+    each compute identically, so it need run once."""
+    if not plans:
+        return []
+    others = [{spec.name: spec for spec in plan} for plan in plans[1:]]
+    shared: list[str] = []
+    for spec in plans[0]:
+        same = all(
+            (o := other.get(spec.name)) is not None
+            and o.definition == spec.definition and o.upstream == spec.upstream
+            for other in others
+        )
+        if same and set(spec.upstream) <= set(shared):
+            shared.append(spec.name)
+    return shared
+
+
 def plan_stages(repo: str | os.PathLike[str], targets: list[str] | None = None) -> list[StageSpec]:
     """Every stage `dvc repro [targets]` would visit, dependencies first.
 
@@ -74,6 +113,7 @@ def plan_stages(repo: str | os.PathLike[str], targets: list[str] | None = None) 
                 upstream=tuple(_address(dep, root) for dep in graph.successors(stage) if dep in planned),
                 run_id_files=_run_id_files(stage, root),
                 cmd=" && ".join(stage.cmd) if isinstance(stage.cmd, list) else (stage.cmd or ""),
+                definition=_definition(stage, root),
             )
             for stage in order
         ]

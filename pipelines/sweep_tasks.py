@@ -1,11 +1,12 @@
-"""What the sweep flow is made of: params overrides, checked with chipprune.config exactly as
-DVC's `-S` would apply them; one temporary DVC workspace per experiment, sharing the repo's
-DVC cache (so unchanged stages are skipped and every result lands in the cache); and one
-table of every experiment's DVC metrics.
+"""What the sweep and experiment flows are made of: params overrides, checked with
+chipprune.config exactly as DVC's `-S` would apply them; the stages a set of experiments
+shares (computed once); one temporary DVC workspace per experiment, sharing its machine's DVC
+cache (so unchanged stages are skipped and every result lands in the cache); what `dvc repro`
+did with each stage; and one table of every experiment's DVC metrics.
 
-Why not `dvc exp run --queue`: the project's .gitignore ignores `runs/`, so the metrics
-(cache: false) never reach an experiment's commit and `dvc exp show` has nothing to show,
-and the queue's workspaces lack the cache: false outputs, so every stage would re-run."""
+Why not `dvc exp run --queue`: the project's .gitignore ignores `runs/`, so the metrics never
+reach an experiment's commit and `dvc exp show` has nothing to show, and the queue's
+workers are local Celery processes, not Prefect's workers on other machines."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from chipprune.config import ConfigError, has_key, parse_params
+from pipelines.graph import StageSpec, plan_stages
 from pipelines.tasks import dvc, run_cli, tool_env
 
 # What a grid's seed sets, where params.yaml has the key: the mask seeds of every method
@@ -32,8 +34,15 @@ from pipelines.tasks import dvc, run_cli, tool_env
 SEED_KEYS = ("learn_masks.seed", "chip.seed", "baselines.seed", "finetune.{method}.seed")
 TABLE_COLUMNS = (
     "experiment", "overrides", "run", "method", "test_top1", "test_top5", "params",
-    "params_fraction", "macs", "macs_fraction", "latency_ms_bs1",
+    "params_fraction", "macs", "macs_fraction", "latency_ms_bs1", "worker", "attempts",
 )
+# How `dvc repro` reports each stage (dvc/stage/__init__.py, dvc/stage/cache.py): run, checked
+# out from the run-cache (this machine's, or the remote's with --pull), or already up to date.
+REPRO_OUTCOMES = {
+    "ran": re.compile(r"^Running stage '(.+?)':", re.M),
+    "restored": re.compile(r"^Stage '(.+?)' is cached - skipping run", re.M),
+    "unchanged": re.compile(r"^Stage '(.+?)' didn't change, skipping", re.M),
+}
 _BARE = re.compile(r"[A-Za-z_][\w.\-/]*")
 
 
@@ -131,6 +140,26 @@ def validate_overrides(repo: str, experiments: list[dict[str, Any]]) -> list[dic
     return experiments
 
 
+def experiment_plan(
+    repo: Path, overrides: dict[str, Any], targets: list[str] | None = None
+) -> list[StageSpec]:
+    """The stages `dvc repro [targets]` would visit with the overrides applied (dvc.yaml and
+    the overridden params.yaml in a scratch DVC repo: no data needed)."""
+    from dvc.repo import Repo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(repo / "dvc.yaml", Path(tmp) / "dvc.yaml")
+        shutil.copyfile(repo / "params.yaml", Path(tmp) / "params.yaml")
+        apply_overrides(Path(tmp) / "params.yaml", overrides)
+        Repo.init(tmp, no_scm=True).close()
+        return plan_stages(tmp, targets)
+
+
+def repro_outcomes(output: str) -> dict[str, list[str]]:
+    """`dvc repro`'s log -> {"ran": [...], "restored": [...], "unchanged": [...]} stages."""
+    return {kind: pattern.findall(output) for kind, pattern in REPRO_OUTCOMES.items()}
+
+
 def _git_visible_files(repo: Path) -> list[str]:
     """Tracked and untracked-but-not-ignored files: the code and config a run depends on."""
     out = subprocess.run(
@@ -176,11 +205,17 @@ def prepare_workspace(repo: str, workspace: str, name: str, overrides: dict[str,
         elif path.is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dst / rel)
-    # No git in the copy: DVC runs without SCM and keeps the repo's cache.
+    # No git in the copy: DVC runs without SCM and keeps the repo's cache (and the remote
+    # a user set in .dvc/config.local, which git does not see).
+    from dvc.config import Config
+
     (dst / ".dvc").mkdir(exist_ok=True)
-    (dst / ".dvc" / "config.local").write_text(
-        f"[core]\n    no_scm = true\n[cache]\n    dir = {_cache_dir(src)}\n"
-    )
+    if (src / ".dvc" / "config.local").is_file():
+        shutil.copy2(src / ".dvc" / "config.local", dst / ".dvc" / "config.local")
+    cache = _cache_dir(src)
+    with Config(dvc_dir=str(dst / ".dvc")).edit("local") as conf:
+        conf["core"]["no_scm"] = True
+        conf["cache"]["dir"] = cache
     apply_overrides(dst / "params.yaml", overrides)
     return str(dst)
 
@@ -219,3 +254,45 @@ def write_table(rows: list[dict[str, Any]], out: str) -> str:
     shown = [c for c in TABLE_COLUMNS if c in table.columns]
     base.with_suffix(".md").write_text(table[shown].to_markdown(index=False, floatfmt=".4g") + "\n")
     return str(base.with_suffix(".csv"))
+
+
+def default_remote(repo: Path) -> str | None:
+    """The DVC remote `dvc push`/`dvc pull` use in repo (core.remote, any config level)."""
+    from dvc.repo import Repo
+
+    with Repo(os.fspath(repo)) as dvc_repo:
+        return dvc_repo.config["core"].get("remote")
+
+
+RESULT_ARTIFACT = "chipprune-experiment"  # the key of an experiment's table artifact
+
+
+@task(cache_policy=NO_CACHE)
+def publish_result(rows: list[dict[str, Any]]) -> None:
+    """An experiment's rows as a Prefect table artifact of its flow run: visible in the UI,
+    and how a sweep on another machine reads them back through the Prefect API."""
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(rows, key=RESULT_ARTIFACT, description="chipprune experiment: "
+                          "one row per evaluated model, with the worker that ran it")
+
+
+def read_result(flow_run_id: Any) -> list[dict[str, Any]]:
+    """The rows publish_result stored for one flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[RESULT_ARTIFACT])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+        )
+    if not artifacts:
+        raise RuntimeError(f"flow run {flow_run_id} completed without its {RESULT_ARTIFACT} artifact")
+    data = artifacts[0].data
+    return json.loads(data) if isinstance(data, str) else data

@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,15 +97,22 @@ def run_cli(
     return output
 
 
-def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a failed task only when DVC's lock was busy; a stage that crashed will crash again."""
-    try:
-        state.result()
-    except DvcLockBusy:
-        return True
-    except BaseException:
+def retry_on(*errors: type[BaseException]) -> Callable[[Any, Any, Any], bool]:
+    """A task's retry_condition_fn: retry only when it raised one of `errors`."""
+    def condition(task: Any, task_run: Any, state: Any) -> bool:
+        try:
+            state.result()
+        except errors:
+            return True
+        except BaseException:
+            return False
         return False
-    return False
+
+    return condition
+
+
+# Retry a failed stage only when DVC's lock was busy; a stage that crashed will crash again.
+retry_if_transient = retry_on(DvcLockBusy)
 
 
 def writer_limit_name(repo: str | Path) -> str:

@@ -9,12 +9,9 @@ import datetime
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -23,29 +20,10 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.prefect_server import BIN, prefect_server
+from tests.tiny_repo import STAGES, TARGETS, git_dvc_init, make_tiny_repo
 
 pytestmark = pytest.mark.slow(cost=90)  # seconds alone, for test ordering
-
-# The ChipNet chain for one grid point: `targets` keep the run small whatever else dvc.yaml
-# holds (baselines, CHIP, transfer, report); their upstream stages come along.
-TARGETS = ["evaluate"]
-STAGES = [
-    "prepare@digits",
-    "train_dense@digits-resnet20",
-    "profile_latency@digits-resnet20",
-    "learn_masks@flops-0.5-digits-resnet20",
-    "finetune@chipnet-flops-0.5-digits-resnet20",
-    "evaluate",
-]
-BIN = Path(sys.executable).parent
-
-
-def _git_dvc_repo(root: Path) -> None:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="session")
@@ -66,31 +44,13 @@ def prefect_harness(tmp_path_factory):
 def repo(tmp_path_factory, prefect_harness):
     """A git+DVC repo holding the project's pipeline with 1-2 epoch params; MLflow in a
     sqlite store of its own."""
-    root = tmp_path_factory.mktemp("flow-repo")
-    for name in ("chipprune", "stages", "pipelines", "nets"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(REPO / name, root / name)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train_dense"]["epochs"] = 1
-    params["learn_masks"]["epochs"] = 2
-    params["finetune"]["chipnet"]["epochs"] = 1
-    # one ChipNet chain: evaluate's upstream is then the six stages of STAGES
-    del params["datasets"]["digits_even"]
-    params["dense"]["datasets"] = ["digits"]
-    params["prune"].update(methods=["chipnet"], baselines=[], budgets=["flops-0.5"])
-    params["chip_rates"] = {}
-    params["transfer"]["pairs"] = {}
-    params["evaluate"]["latency"] = {"batch_sizes": [1, 8], "warmup": 1, "repeats": 2}
-    params["latency_budget"].update(batch_size=8, step=16, warmup=1, repeats=1, rounds=1)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    root = make_tiny_repo(tmp_path_factory.mktemp("flow-repo"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("CHIPPRUNE_ARTIFACT_ROOT", (root / "mlartifacts").as_uri())
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
-        _git_dvc_repo(root)
         yield root
 
 
@@ -211,7 +171,7 @@ def test_a_failing_stage_blocks_only_its_downstream(tmp_path, prefect_harness, m
     }}))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("CHIPPRUNE_ARTIFACT_ROOT", (tmp_path / "mlartifacts").as_uri())
-    _git_dvc_repo(tmp_path)
+    git_dvc_init(tmp_path)
     state = pruning_pipeline(repo=str(tmp_path), return_state=True)
     assert state.is_failed()
     with pytest.raises(PipelineFailed, match=r"b \(failed\), c \(upstream failed\)"):
@@ -261,7 +221,7 @@ def test_a_busy_dvc_lock_is_retried(tmp_path, prefect_harness, monkeypatch):
         {"stages": {"a": {"cmd": "echo a > a.txt", "outs": ["a.txt"]}}}))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("CHIPPRUNE_ARTIFACT_ROOT", (tmp_path / "mlartifacts").as_uri())
-    _git_dvc_repo(tmp_path)
+    git_dvc_init(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", HOLD_DVC_LOCK, str(tmp_path), str(release)],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -316,26 +276,6 @@ def test_sweep_runs_an_experiment_in_its_own_workspace(repo, first_run):
         "evaluate", "finetune", "learn_masks"]  # prepare and train_dense were up to date
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"prefect server exited with {server.returncode}"
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"prefect server not healthy after {timeout} s")
-
-
 def test_real_server_schedules_the_nightly_deployment(tmp_path):
     """`prefect server start`, the work pool, `prefect deploy` of prefect.yaml's nightly
     deployment; the server's scheduler then creates its scheduled flow runs (02:00 UTC)."""
@@ -350,28 +290,12 @@ def test_real_server_schedules_the_nightly_deployment(tmp_path):
     from prefect.client.schemas.objects import StateType
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "2",
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-    }
     project = tmp_path / "project"  # prefect deploy reads prefect.yaml and the entrypoint here
     shutil.copytree(REPO / "pipelines", project / "pipelines",
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "prefect.yaml", project / "prefect.yaml")
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-         "--no-ui"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        _wait_healthy(url, server, timeout=90)
+    settings = {"PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "2"}
+    with prefect_server(tmp_path, **settings) as (url, env):
         for cmd in (["work-pool", "create", "chipprune-pool", "--type", "process"],
                     ["--no-prompt", "deploy", "--name", "nightly"]):
             done = subprocess.run([str(BIN / "prefect"), *cmd], cwd=project, env=env,
@@ -390,16 +314,8 @@ def test_real_server_schedules_the_nightly_deployment(tmp_path):
                             type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
                     )
                     time.sleep(1)
-        assert len(runs) >= 3, "the scheduler made no scheduled runs within 60 s"
-        for run in runs:
-            assert run.deployment_id == deployment.id and run.state.is_scheduled()
-            start = run.expected_start_time.astimezone(datetime.timezone.utc)
-            assert (start.hour, start.minute) == (2, 0)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
-        log.close()
+    assert len(runs) >= 3, "the scheduler made no scheduled runs within 60 s"
+    for run in runs:
+        assert run.deployment_id == deployment.id and run.state.is_scheduled()
+        start = run.expected_start_time.astimezone(datetime.timezone.utc)
+        assert (start.hour, start.minute) == (2, 0)

@@ -1,0 +1,212 @@
+"""Sweeps across machines, for real on 127.0.0.1: a `prefect server`, one `mlflow server`, a
+local-directory DVC remote, and three process workers, each in its own clone of the repo
+with its own DVC cache (three "machines"). A 4-experiment sweep submits one flow run of the
+experiment deployment per experiment; the stages every experiment shares run once and reach
+the others through the remote's run-cache; one worker is killed mid-experiment, Prefect's
+zombie automation marks its flow run Crashed and the sweep retries it on a live worker. The
+table equals a local sweep's."""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from pipelines.graph import StageSpec, shared_stages
+from pipelines.mlflow_server import local_server
+from pipelines.process_group import stop_group
+from tests.prefect_server import BIN, prefect_server
+from tests.tiny_repo import TARGETS, git_env, make_tiny_repo
+
+POOL = "test-pool"
+BOXES = ("box-a", "box-b", "box-c")  # box-c dies during its first experiment
+SEEDS = [1, 2, 3, 4]
+# Heartbeats every 30 s (Prefect's minimum); a run silent for 50 s is a zombie.
+ZOMBIE_AFTER_S = 50
+
+
+def _spec(name: str, upstream: tuple[str, ...] = (), definition: str = "d") -> StageSpec:
+    return StageSpec(name=name, upstream=upstream, run_id_files=(), definition=definition)
+
+
+def test_shared_stages_are_those_defined_alike_everywhere_with_shared_upstream():
+    base = [_spec("prepare"), _spec("dense", ("prepare",)), _spec("masks", ("dense",), "seed1"),
+            _spec("finetune", ("masks",))]
+    other = [_spec("prepare"), _spec("dense", ("prepare",)), _spec("masks", ("dense",), "seed2"),
+             _spec("finetune", ("masks",))]
+    # finetune is defined alike but its upstream (masks) differs: not shared
+    assert shared_stages([base, other]) == ["prepare", "dense"]
+    assert shared_stages([base]) == ["prepare", "dense", "masks", "finetune"]
+    assert shared_stages([base, other[:1]]) == ["prepare"]  # a stage one plan lacks
+    assert shared_stages([]) == []
+
+
+def test_a_seed_grid_shares_the_data_dense_and_latency_stages(tmp_path):
+    from pipelines.sweep_tasks import experiment_plan, grid_overrides
+
+    repo = make_tiny_repo(tmp_path / "repo")
+    grid = grid_overrides(repo, seeds=[1, 2])
+    assert grid == [{"learn_masks.seed": s, "chip.seed": s, "baselines.seed": s,
+                     "finetune.chipnet.seed": s} for s in (1, 2)]
+    plans = [experiment_plan(repo, o, TARGETS) for o in grid]
+    assert shared_stages(plans) == [
+        "prepare@digits", "train_dense@digits-resnet20", "profile_latency@digits-resnet20"]
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """`prefect worker start` runs the worker in a child process: walk up the parents."""
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+    return False
+
+
+def _kill_box_during_an_experiment(worker: subprocess.Popen, killed: dict, stop: threading.Event):
+    """Wait until `worker` runs an experiment's flow run (its process is the worker's child),
+    let it heartbeat, then SIGKILL the worker and the flow run's process group: a machine
+    that dies, with nobody left to report the run's end."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    running = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])))
+    with get_client(sync_client=True) as client:
+        while not stop.is_set():
+            for run in client.read_flow_runs(flow_run_filter=running):
+                pid = int(str(run.infrastructure_pid or "0:0").rsplit(":", 1)[-1] or 0)
+                if run.name.startswith("exp-") and pid and _descends_from(pid, worker.pid):
+                    time.sleep(5)
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    try:
+                        os.killpg(os.getpgid(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass  # it was in the worker's group
+                    killed.update(name=run.name, flow_run_id=str(run.id))
+                    return
+            time.sleep(0.5)
+
+
+def _sweep_table(csv: str) -> pd.DataFrame:
+    columns = ["experiment", "overrides", "run", "method", "test_top1", "test_top5", "params",
+               "macs", "test_size"]
+    return pd.read_csv(csv)[columns].sort_values(["experiment", "run"]).reset_index(drop=True)
+
+
+@pytest.mark.slow(cost=330)
+def test_a_sweep_on_a_pool_of_workers(tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines.deployments import EXPERIMENT, ensure_zombie_automation, experiment
+    from pipelines.flows import sweep
+
+    remote = tmp_path / "dvc-remote"
+    origin = make_tiny_repo(tmp_path / "origin", dvc_remote=remote)
+    clones = {}
+    for box in BOXES:
+        clones[box] = tmp_path / box
+        subprocess.run(["git", "clone", "-q", str(origin), str(clones[box])], env=git_env(),
+                       check=True, timeout=60)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the same arithmetic in every process
+    monkeypatch.setenv("CHIPPRUNE_ARTIFACT_ROOT", (tmp_path / "mlartifacts").as_uri())
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    workers: dict[str, subprocess.Popen] = {}
+    killed: dict[str, str] = {}
+    stop = threading.Event()
+    with local_server(store) as tracking, prefect_server(
+        tmp_path, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1",
+    ) as (api, env):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+        monkeypatch.setenv("PREFECT_API_URL", api)
+        env = {**env, "MLFLOW_TRACKING_URI": tracking, "OMP_NUM_THREADS": "1",
+               "CHIPPRUNE_ARTIFACT_ROOT": os.environ["CHIPPRUNE_ARTIFACT_ROOT"]}
+        done = subprocess.run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            experiment(work_pool=POOL).apply()
+            ensure_zombie_automation(within_s=ZOMBIE_AFTER_S)
+            ensure_zombie_automation(within_s=ZOMBIE_AFTER_S)  # idempotent: still one
+            try:
+                for box in BOXES:  # one experiment at a time per machine
+                    log = (tmp_path / f"{box}.log").open("w")
+                    workers[box] = subprocess.Popen(
+                        [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--name", box,
+                         "--limit", "1"],
+                        env={**env, "CHIPPRUNE_REPO": str(clones[box])},
+                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    )
+                killer = threading.Thread(  # with this context's settings (the server's URL)
+                    target=contextvars.copy_context().run,
+                    args=(_kill_box_during_an_experiment, workers["box-c"], killed, stop),
+                    daemon=True)
+                killer.start()
+                start = time.monotonic()
+                csv = sweep(repo=str(origin), seeds=SEEDS, jobs=3, dvc_targets=TARGETS,
+                            out="results/pool", deployment_name=EXPERIMENT)
+                pool_seconds = time.monotonic() - start
+            finally:
+                stop.set()
+                for proc in workers.values():
+                    stop_group(proc, timeout=20)
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                automations = client.read_automations_by_name("chipprune: crash flow runs that stopped heartbeating")
+                crashed = client.read_flow_run(killed["flow_run_id"]) if killed else None
+        # the local sweep of the same grid, in the origin repo (its own cache: it runs the
+        # shared stages itself)
+        start = time.monotonic()
+        local_csv = sweep(repo=str(origin), seeds=SEEDS, jobs=2, dvc_targets=TARGETS,
+                          out="results/local")
+        local_seconds = time.monotonic() - start
+        mlflow.set_tracking_uri(tracking)
+        runs = mlflow.search_runs(experiment_names=["chipprune"])
+    print(f"\npool sweep {pool_seconds:.0f} s (one worker killed), local sweep {local_seconds:.0f} s")
+    assert len(automations) == 1
+    assert killed, "box-c never ran an experiment"
+    assert crashed.state.is_crashed() and "heartbeat" in crashed.state.message
+
+    table = pd.read_csv(csv)
+    assert sorted(table["experiment"].unique()) == ["exp-01", "exp-02", "exp-03", "exp-04"]
+    assert set(table["run"]) == {"dense-digits-resnet20", "chipnet-flops-0.5-digits-resnet20"}
+    # the two live machines did the work; the killed experiment is the only retry
+    assert set(table["worker"]) == {"box-a", "box-b"}
+    attempts = table.groupby("experiment")["attempts"].max().to_dict()
+    assert attempts == {e: 2 if e == killed["name"] else 1 for e in attempts}
+    # every experiment restored the shared stages from the remote's run-cache
+    shared = {"prepare@digits", "train_dense@digits-resnet20", "profile_latency@digits-resnet20"}
+    for restored in table["stages_restored"]:
+        assert set(str(restored).split()) == shared
+    # ... so each sweep trained the dense model once, in its shared-stages run
+    names = runs["tags.mlflow.runName"].fillna("")
+    sweeps = runs[names.str.startswith("sweep")].sort_values("start_time")["run_id"].tolist()
+    assert len(sweeps) == 2  # the pool's, then the local one
+    dense = runs[runs["tags.chipprune.stage"] == "train_dense@digits-resnet20"]
+    parents = runs.set_index("run_id")["tags.mlflow.parentRunId"]
+    assert sorted(parents[dense["tags.mlflow.parentRunId"]].tolist()) == sorted(sweeps)
+    assert set(runs.set_index("run_id").loc[dense["tags.mlflow.parentRunId"], "tags.mlflow.runName"]) == {"shared-stages"}
+    # each experiment's MLflow run names its worker (the retry's, for the killed one)
+    exp_runs = runs[names.str.startswith("exp-")]
+    workers_by_sweep = exp_runs.groupby("tags.mlflow.parentRunId")["tags.chipprune.worker"].agg(set)
+    assert workers_by_sweep[sweeps[0]] == {"box-a", "box-b"}
+    assert workers_by_sweep[sweeps[1]] == {"local"}
+    # the same numbers as the local sweep
+    pd.testing.assert_frame_equal(_sweep_table(csv), _sweep_table(local_csv))
