@@ -34,6 +34,9 @@ TAGS = ["chipprune"]
 EXPERIMENT = "chipprune-experiment/experiment"  # what a sweep on the pool submits
 HEARTBEAT_S = 30  # an experiment's flow run says it is alive this often (Prefect's minimum)
 ZOMBIE = "chipprune: crash flow runs that stopped heartbeating"
+# A sweep's flow run only waits for its experiments: it goes to a queue of its own, so it
+# never holds the one slot of a GPU box's worker (`--limit 1`) that its experiments need.
+SWEEP_QUEUE = "sweeps"
 
 
 def nightly(repo: Path = REPO, work_pool: str | None = None) -> RunnerDeployment:
@@ -62,6 +65,7 @@ def on_demand_sweep(repo: Path = REPO, work_pool: str | None = None) -> RunnerDe
         tags=[*TAGS, "sweep"],
         description="Params overrides or a methods x budgets x targets x seeds grid as experiments.",
         work_pool_name=work_pool,
+        work_queue_name=SWEEP_QUEUE if work_pool else None,
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
 

@@ -9,9 +9,11 @@ table equals a local sweep's."""
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -108,12 +110,24 @@ def _sweep_table(csv: str) -> pd.DataFrame:
     return pd.read_csv(csv)[columns].sort_values(["experiment", "run"]).reset_index(drop=True)
 
 
+def _sweep(env: dict[str, str], **kwargs) -> tuple[str, float]:
+    """The sweep flow in a process of its own, as a user starts it (this one keeps no Prefect
+    log or event workers bound to a server the test stops); its CSV path and seconds."""
+    code = ("import json, sys; from pipelines.flows import sweep; "
+            "print(sweep(**json.loads(sys.argv[1])))")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1], time.monotonic() - start
+
+
 @pytest.mark.slow(cost=330)
-def test_a_sweep_on_a_pool_of_workers(tmp_path, monkeypatch):
+def test_a_sweep_on_a_pool_of_workers(tmp_path):
+    from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from pipelines.deployments import EXPERIMENT, ensure_zombie_automation, experiment
-    from pipelines.flows import sweep
+    from pipelines.deployments import EXPERIMENT, ZOMBIE, ensure_zombie_automation, experiment
 
     remote = tmp_path / "dvc-remote"
     origin = make_tiny_repo(tmp_path / "origin", dvc_remote=remote)
@@ -122,21 +136,18 @@ def test_a_sweep_on_a_pool_of_workers(tmp_path, monkeypatch):
         clones[box] = tmp_path / box
         subprocess.run(["git", "clone", "-q", str(origin), str(clones[box])], env=git_env(),
                        check=True, timeout=60)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the same arithmetic in every process
-    monkeypatch.setenv("CHIPPRUNE_ARTIFACT_ROOT", (tmp_path / "mlartifacts").as_uri())
-    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     workers: dict[str, subprocess.Popen] = {}
     killed: dict[str, str] = {}
     stop = threading.Event()
+    grid = {"repo": str(origin), "seeds": SEEDS, "dvc_targets": TARGETS}
     with local_server(store) as tracking, prefect_server(
         tmp_path, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1",
     ) as (api, env):
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
-        monkeypatch.setenv("PREFECT_API_URL", api)
-        env = {**env, "MLFLOW_TRACKING_URI": tracking, "OMP_NUM_THREADS": "1",
-               "CHIPPRUNE_ARTIFACT_ROOT": os.environ["CHIPPRUNE_ARTIFACT_ROOT"]}
+        env = {**env, "MLFLOW_TRACKING_URI": tracking,
+               "OMP_NUM_THREADS": "1",  # the same arithmetic in every process
+               "CHIPPRUNE_ARTIFACT_ROOT": (tmp_path / "mlartifacts").as_uri()}
+        env.pop("MLFLOW_PARENT_RUN_ID", None)
         done = subprocess.run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process"],
                               env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -158,25 +169,18 @@ def test_a_sweep_on_a_pool_of_workers(tmp_path, monkeypatch):
                     args=(_kill_box_during_an_experiment, workers["box-c"], killed, stop),
                     daemon=True)
                 killer.start()
-                start = time.monotonic()
-                csv = sweep(repo=str(origin), seeds=SEEDS, jobs=3, dvc_targets=TARGETS,
-                            out="results/pool", deployment_name=EXPERIMENT)
-                pool_seconds = time.monotonic() - start
+                csv, pool_seconds = _sweep(env, **grid, jobs=3, out="results/pool",
+                                           deployment_name=EXPERIMENT)
             finally:
                 stop.set()
                 for proc in workers.values():
                     stop_group(proc, timeout=20)
-            from prefect.client.orchestration import get_client
-
             with get_client(sync_client=True) as client:
-                automations = client.read_automations_by_name("chipprune: crash flow runs that stopped heartbeating")
+                automations = client.read_automations_by_name(ZOMBIE)
                 crashed = client.read_flow_run(killed["flow_run_id"]) if killed else None
         # the local sweep of the same grid, in the origin repo (its own cache: it runs the
         # shared stages itself)
-        start = time.monotonic()
-        local_csv = sweep(repo=str(origin), seeds=SEEDS, jobs=2, dvc_targets=TARGETS,
-                          out="results/local")
-        local_seconds = time.monotonic() - start
+        local_csv, local_seconds = _sweep(env, **grid, jobs=2, out="results/local")
         mlflow.set_tracking_uri(tracking)
         runs = mlflow.search_runs(experiment_names=["chipprune"])
     print(f"\npool sweep {pool_seconds:.0f} s (one worker killed), local sweep {local_seconds:.0f} s")
