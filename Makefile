@@ -1,4 +1,5 @@
-# make run: set-up + the default pipeline (dvc repro) on the embedded dataset, CPU, no network.
+# make run: set-up (the project with its dev and peers extras) + the default pipeline (dvc
+# repro) on the embedded dataset, CPU, no network.
 # make test: set-up + ruff + the strict docs build + pytest. make docs: the docs site in .site/.
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
@@ -16,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,peers]"
 	touch $@
 
 # stages fork from a warm server (no per-stage imports) and log to one MLflow server
@@ -34,7 +35,7 @@ run: setup
 test: setup
 	ruff check .
 	mkdocs build --strict --quiet
-	pytest -q -n 2 --dist loadgroup --no-loadscope-reorder -m "not timing"   # groups: tests/conftest.py
+	pytest -q -n 2 --dist loadgroup --no-loadscope-reorder -m "not timing" --durations=25   # groups: tests/conftest.py
 	pytest -q -m timing                             # wall-clock assertions, on an otherwise idle machine
 
 lint: setup

@@ -1,5 +1,6 @@
-"""ChipNet, CHIP, the baselines and Torch-Pruning's criteria (tp_magnitude, tp_taylor,
-tp_bn_scale: peers, fine-tuned with the baselines' recipe) over several seeds, at given budgets,
+"""ChipNet, CHIP, the baselines and the peers (Torch-Pruning's criteria tp_magnitude,
+tp_taylor, tp_bn_scale and ModelOpt's fastnas, fine-tuned with the baselines' recipe where
+the params have none for them) over several seeds, at given budgets,
 through the real stage code (each stage's main, in process), from the pipeline's dense
 checkpoint. Prints test top-1 as mean and spread per method and budget, and each method's
 paired difference to random and to the best peer (same seed, same fine-tuning draws).
@@ -25,9 +26,11 @@ from pathlib import Path
 
 import yaml
 
-from chipprune.methods.baselines import BASELINES
+from chipprune.methods.baselines import BASELINES, SEARCHES
 from chipprune.methods.peers import PEER_CRITERIA
 from stages import baseline_masks, evaluate, finetune, learn_masks, score_channels, select_channels
+
+PEERS = (*PEER_CRITERIA, *SEARCHES)
 
 
 def main() -> None:
@@ -100,16 +103,16 @@ def main() -> None:
           f"{'vs random':>17}{'vs best peer':>17}  runs")
     for (method, budget), v in sorted(top1.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         sd = statistics.stdev(v) if len(v) > 1 else 0.0
-        # the best of Torch-Pruning's criteria at this budget (by mean), where any ran
-        peers = [(statistics.mean(top1[m, budget]), m) for m in PEER_CRITERIA
+        # the best peer at this budget (by mean), where any ran
+        peers = [(statistics.mean(top1[m, budget]), m) for m in PEERS
                  if (m, budget) in top1]
         best = max(peers)[1] if peers else None
         print(f"{method:<18}{budget:<14}{statistics.mean(v):>11.4f}{sd:>8.4f}{min(v):>8.4f}"
               f"{max(v):>8.4f}{paired(v, top1.get(('random', budget))):>17}"
               f"{paired(v, top1.get((best, budget))):>17}  {', '.join(f'{x:.4f}' for x in v)}")
     if peers:
-        print("vs best peer: paired (same seed) difference to the Torch-Pruning criterion with "
-              "the highest mean at that budget, with its stdev over seeds")
+        print("vs best peer: paired (same seed) difference to the peer (Torch-Pruning's criteria, "
+              "FastNAS) with the highest mean at that budget, with its stdev over seeds")
 
 
 def paired(v: list[float], ref: list[float] | None) -> str:

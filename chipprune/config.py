@@ -301,10 +301,12 @@ def parse_budget_label(label: str) -> tuple[str, float]:
     return kind, value
 
 
-# baseline_masks' methods: ours, and Torch-Pruning's criteria (chipprune.methods.peers)
-BaselineName = Literal["random", "l1", "uniform", "tp_magnitude", "tp_taylor", "tp_bn_scale"]
+# baseline_masks' methods: ours, Torch-Pruning's criteria (chipprune.methods.peers) and
+# ModelOpt's FastNAS search (chipprune.methods.fastnas)
+BaselineName = Literal["random", "l1", "uniform", "tp_magnitude", "tp_taylor", "tp_bn_scale",
+                       "fastnas"]
 MethodName = Literal["chipnet", "chip", "random", "l1", "uniform", "tp_magnitude", "tp_taylor",
-                     "tp_bn_scale"]
+                     "tp_bn_scale", "fastnas"]
 
 
 class PruneGrid(Strict):
@@ -338,6 +340,17 @@ class PruneGrid(Strict):
         missing = sorted(set(self.baselines) - set(self.methods))
         if missing:
             raise ValueError(f"baselines {missing} must also be listed in prune.methods")
+        if "fastnas" in self.baselines:
+            from chipprune.methods.fastnas import SUPPORTED_BUDGETS, modelopt_missing
+
+            other = [b for b in self.budgets if parse_budget_label(b)[0] not in SUPPORTED_BUDGETS]
+            if other:
+                raise ValueError(
+                    f"fastnas searches under a {' or '.join(SUPPORTED_BUDGETS)} constraint; "
+                    f"budgets {other} are neither (list fastnas in a grid of those budgets)")
+            why = modelopt_missing()
+            if why:
+                raise ValueError(why)
         return self
 
 
@@ -356,11 +369,17 @@ class ChipConfig(Strict):
 
 
 class BaselinesConfig(Strict):
-    seed: int = 0  # of the random baseline, and of tp_taylor's sample of training images
+    seed: int = 0  # of the random baseline, and of tp_taylor's and fastnas's training images
     # tp_taylor: |w * dL/dw| with the gradients summed over this many batches of training
     # images (no augmentation, eval-mode BN)
     taylor_batches: int = Field(4, ge=1)
     taylor_batch_size: int = Field(64, ge=1)
+    # fastnas: the score its search maximises is top-1 on the first `fastnas_score_images`
+    # validation images; before each score it re-estimates BN statistics on
+    # `fastnas_calibration_batches` seeded batches of `fastnas_batch_size` training images
+    fastnas_score_images: int = Field(1024, ge=1)
+    fastnas_calibration_batches: int = Field(4, ge=1)
+    fastnas_batch_size: int = Field(64, ge=1)
 
 
 class LearnMasksConfig(Strict):

@@ -1,8 +1,9 @@
-"""DVC stage `baseline_masks`: one baseline's masks (random, L1-norm, uniform, or one of
-Torch-Pruning's criteria: tp_magnitude, tp_taylor, tp_bn_scale) for the whole
-pruning grid, prune.budgets x prune.datasets x prune.models, through the same thresholding
-as every method. One stage per baseline, not per budget: a mask costs milliseconds, a stage
-process seconds (torch and MLflow imports).
+"""DVC stage `baseline_masks`: one baseline's masks (random, L1-norm, uniform, one of
+Torch-Pruning's criteria: tp_magnitude, tp_taylor, tp_bn_scale, or ModelOpt's FastNAS) for
+the whole pruning grid, prune.budgets x prune.datasets x prune.models: scores through the
+same thresholding as every method, or FastNAS's own search under the budget. One stage per
+baseline, not per budget: a mask costs milliseconds, a stage process seconds (torch and
+MLflow imports).
 
     python -m stages.baseline_masks <method> <dense_root> <data_root> <out_dir>
 
@@ -58,19 +59,28 @@ def main(argv: list[str] | None = None) -> None:
             for p in {id(p.model): p for p in points}.values():
                 taylor_gradients(p.model, Path(args.data_root) / p.dataset, params.baselines)
         for p in points:
-            result = keep_at_budget(baseline_scores(args.method, p.model, seed), p.budget, p.kind,
-                                    p.target, round_to=grid.round_to)
+            extra = {"seed": seed}
+            if args.method == "fastnas":
+                keep, extra_fastnas = fastnas_keep(p, Path(args.data_root) / p.dataset,
+                                                   params.baselines, grid.round_to)
+                extra.update(extra_fastnas)
+                mlflow.log_metric(f"search_seconds/{p.name}", extra["search_seconds"])
+                achieved = float(p.budget.fraction(p.kind, {g: int(k.sum()) for g, k in keep.items()}))
+            else:
+                result = keep_at_budget(baseline_scores(args.method, p.model, seed), p.budget,
+                                        p.kind, p.target, round_to=grid.round_to)
+                keep, achieved = result.keep, result.achieved
             masks = masks_from_keep(
-                p.dense["model_name"], p.dense["model_kwargs"], p.model.describe(), result.keep,
+                p.dense["model_name"], p.dense["model_kwargs"], p.model.describe(), keep,
                 dataset=p.dataset, method=args.method,
-                budget={"type": p.kind, "target": p.target, "achieved": result.achieved,
-                        **latency_budget_doc(p.table, result.achieved)},
-                extra={"seed": seed},
+                budget={"type": p.kind, "target": p.target, "achieved": achieved,
+                        **latency_budget_doc(p.table, achieved)},
+                extra=extra,
             )
             save_masks(masks, tmp / p.name / "masks.json")
             mlflow.log_artifact(str(tmp / p.name / "masks.json"), artifact_path=p.name)
-            mlflow.log_metric(f"achieved_budget/{p.name}", result.achieved)
-            print(f"{name}: {p.name} budget {result.achieved:.4f} (target {p.target})", flush=True)
+            mlflow.log_metric(f"achieved_budget/{p.name}", achieved)
+            print(f"{name}: {p.name} budget {achieved:.4f} (target {p.target})", flush=True)
 
 
 def taylor_gradients(model, data_dir: Path, cfg) -> None:
@@ -90,6 +100,45 @@ def taylor_gradients(model, data_dir: Path, cfg) -> None:
     model.to(device)
     accumulate_gradients(model, (train.take(i) for i in batches if len(i)),
                          train.normalise)
+
+
+def fastnas_keep(p, data_dir: Path, cfg, round_to: int):
+    """FastNAS's search on grid point `p` (chipprune.methods.fastnas): the score is top-1 on
+    the first `fastnas_score_images` validation images, BN statistics re-estimated on
+    `fastnas_calibration_batches` seeded training batches; its channel divisor is round_to.
+    Returns the kept channels as masks and what to record of the search."""
+    import torch
+
+    from chipprune.methods import fastnas
+    from chipprune.training.loop import resolve_device
+    from chipprune.training.sources import open_split
+
+    device = resolve_device("auto")
+    train, val = open_split(data_dir, "train", device), open_split(data_dir, "val", device)
+    bs = cfg.fastnas_batch_size
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+    calibration = [train.normalise(train.take(order[i * bs:(i + 1) * bs].to(device))[0])
+                   for i in range(cfg.fastnas_calibration_batches) if i * bs < len(train)]
+    shown = torch.arange(min(cfg.fastnas_score_images, len(val)), device=device)
+    images, labels = val.take(shown)
+
+    @torch.no_grad()
+    def score(model) -> float:
+        right = sum(int((model(val.normalise(images[i:i + bs])).argmax(1) == labels[i:i + bs]).sum())
+                    for i in range(0, len(labels), bs))
+        return right / len(labels)
+
+    result = fastnas.search(p.model.to(device), p.kind, p.target, score=score,
+                            calibration=calibration, dummy_input=calibration[0][:1],
+                            channel_divisor=round_to)
+    if p.target < result.its_floor:
+        print(f"baseline_masks@fastnas: {p.name}: {p.kind} {p.target} is below the smallest "
+              f"subnet FastNAS searches ({result.its_floor:.4f}); it searches at that floor",
+              flush=True)
+    keep = fastnas.as_keep(result.kept, p.model.describe().widths())
+    return keep, {"search_seconds": round(result.seconds, 3),
+                  f"fastnas_{p.kind}_fraction": result.its_fraction,
+                  f"fastnas_{p.kind}_floor": result.its_floor}
 
 
 if __name__ == "__main__":

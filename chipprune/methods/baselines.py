@@ -8,6 +8,8 @@ method (so they meet the same budget, from above):
 - uniform: the same keep-rate in every layer (channels by L1 within each layer): a score
   of 1 - rank/C per group makes one global threshold keep the same fraction everywhere.
 - tp_magnitude, tp_taylor, tp_bn_scale: Torch-Pruning's criteria (chipprune.methods.peers).
+- fastnas: ModelOpt's FastNAS, which searches for its masks instead of scoring channels
+  (chipprune.methods.fastnas; stages.baseline_masks runs it).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from chipprune.methods.peers import PEER_CRITERIA, tp_scores
 from chipprune.models import ChannelSelect, PrunableConv, PrunableNet
 
 OWN_BASELINES = ("random", "l1", "uniform")
-BASELINES = (*OWN_BASELINES, *PEER_CRITERIA)  # and Torch-Pruning's criteria (peers.py)
+SEARCHES = ("fastnas",)  # peers that search for their masks under the budget
+BASELINES = (*OWN_BASELINES, *PEER_CRITERIA, *SEARCHES)
 
 
 def random_scores(widths: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
@@ -66,4 +69,7 @@ def baseline_scores(method: str, model: PrunableNet, seed: int = 0) -> dict[str,
         return uniform_scores(l1_scores(model))
     if method in PEER_CRITERIA:  # tp_taylor: the caller has filled the weights' .grad
         return tp_scores(model, method)
+    if method in SEARCHES:
+        raise ValueError(f"{method} searches for its masks (chipprune.methods.fastnas); "
+                         "it gives no channel scores")
     raise ValueError(f"unknown baseline {method!r}; allowed: {', '.join(BASELINES)}")
