@@ -24,9 +24,13 @@ KWARGS = {"num_classes": 10, "in_channels": 1}
 
 
 def _dense(shortcut: str, seed: int = 0):
-    """A ResNet-20 whose BNs have distinct (gamma, beta) per channel, as training gives."""
+    return _trained_like("resnet20", {"shortcut": shortcut, **KWARGS}, seed)
+
+
+def _trained_like(arch: str, kwargs: dict, seed: int = 0):
+    """A model whose BNs have distinct (gamma, beta) per channel, as training gives."""
     torch.manual_seed(seed)
-    model = create_model("resnet20", shortcut=shortcut, **KWARGS)
+    model = create_model(arch, **kwargs)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.weight.data.uniform_(0.5, 1.5)
@@ -53,14 +57,19 @@ def test_kept_channels_reads_an_export_in_its_own_order():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,target", [("flops", 0.3), ("params", 0.5)])
-def test_surgery_with_its_masks_rebuilds_fastnas_export(kind, target):
-    """The real search (option-B shortcuts, which FastNAS traces through): every weight,
-    gamma and beta of our pruned model equals FastNAS's export; our exact count of the
-    masks agrees with the count FastNAS searched under, which met the target."""
-    dense = _dense("B")
+@pytest.mark.parametrize("arch,kwargs,shape,kind,target", [
+    ("resnet20", {"shortcut": "B", **KWARGS}, (1, 8, 8), "flops", 0.3),
+    ("resnet20", {"shortcut": "B", **KWARGS}, (1, 8, 8), "params", 0.5),
+    ("torchvision:resnet18", {"num_classes": 10}, (3, 32, 32), "flops", 0.5),  # traced
+])
+def test_surgery_with_its_masks_rebuilds_fastnas_export(arch, kwargs, shape, kind, target):
+    """The real search (option-B shortcuts and torchvision's ResNet, which FastNAS traces
+    through): every weight, gamma and beta of our pruned model equals FastNAS's export; our
+    exact count of the masks agrees with the count FastNAS searched under, which met the
+    target."""
+    dense = _trained_like(arch, kwargs)
     torch.manual_seed(2)
-    images = torch.randn(48, 1, 8, 8)
+    images = torch.randn(48 if shape[0] == 1 else 16, *shape)
     labels = dense(images).argmax(1)  # a score with something to lose when a layer narrows
 
     def score(model) -> float:
@@ -72,7 +81,7 @@ def test_surgery_with_its_masks_rebuilds_fastnas_export(kind, target):
                             dummy_input=images[:1])
     assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items())  # untouched
 
-    ours, _ = prune_model(dense, "resnet20", {"shortcut": "B", **KWARGS}, result.kept)
+    ours, _ = prune_model(dense, arch, kwargs, result.kept)
     mine, theirs = ours.state_dict(), result.subnet.state_dict()
     assert set(mine) == set(theirs)
     learned = [k for k in mine if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
@@ -80,7 +89,7 @@ def test_surgery_with_its_masks_rebuilds_fastnas_export(kind, target):
 
     widths = {g: len(i) for g, i in result.kept.items()}
     assert widths != dense.describe().widths()  # it did prune
-    ours_fraction = BudgetModel.from_model(dense, (1, 8, 8)).fraction(kind, widths)
+    ours_fraction = BudgetModel.from_model(dense, shape).fraction(kind, widths)
     assert result.its_fraction <= target
     # our convention counts what torchprofile and a parameter sum count, up to BN affine
     # terms (params) and the classifier bias (MACs)

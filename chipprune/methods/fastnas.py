@@ -20,8 +20,11 @@ keep every channel; that is its result, which our counting then measures.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
+import io
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -43,6 +46,15 @@ def modelopt_missing() -> str | None:
             return (f"fastnas needs {dist}, which the optional extra {EXTRA!r} installs: "
                     f"pip install -e '.[{EXTRA}]'")
     return None
+
+
+@contextlib.contextmanager
+def _shown_on_error(chatter: io.StringIO):
+    try:
+        yield
+    except BaseException:
+        sys.stderr.write(chatter.getvalue()[-4000:])
+        raise
 
 
 def _check_kind(kind: str) -> None:
@@ -84,7 +96,11 @@ def search(model: PrunableNet, kind: str, target: float, *,
 
     _check_kind(kind)
     start = time.perf_counter()
-    with warnings.catch_warnings():
+    # its progress bars and tables (hundreds of lines per search in a stage's log) are kept
+    # aside and shown only if the search fails
+    chatter = io.StringIO()
+    with warnings.catch_warnings(), _shown_on_error(chatter), \
+            contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
         warnings.simplefilter("ignore")  # its notes on unsearchable hparams and deprecations
         work = mtn.convert(copy.deepcopy(model).eval(), [("fastnas", divisor_rules(channel_divisor))],
                            registry=PruneModeRegistry)
