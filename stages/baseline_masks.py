@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> None:
 def taylor_gradients(model, data_dir: Path, cfg) -> None:
     """Fill model's .grad with the cross-entropy gradients summed over `taylor_batches` seeded
     batches of training images (on CUDA where there is one; the scores come back to the CPU)."""
-    import torch
 
     from chipprune.methods.peers import accumulate_gradients
     from chipprune.training.loop import resolve_device
@@ -94,12 +93,20 @@ def taylor_gradients(model, data_dir: Path, cfg) -> None:
 
     device = resolve_device("auto")
     train = open_split(data_dir, "train", device)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
-    batches = [order[i * cfg.taylor_batch_size:(i + 1) * cfg.taylor_batch_size].to(device)
-               for i in range(cfg.taylor_batches)]
     model.to(device)
-    accumulate_gradients(model, (train.take(i) for i in batches if len(i)),
+    accumulate_gradients(model, (train.take(i) for i in seeded_batches(
+        len(train), cfg.seed, cfg.taylor_batches, cfg.taylor_batch_size, device)),
                          train.normalise)
+
+
+def seeded_batches(n: int, seed: int, batches: int, batch_size: int, device):
+    """Index tensors of up to `batches` batches of a seeded permutation of range(n) (the
+    training images tp_taylor and fastnas sample); empty batches left out."""
+    import torch
+
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return [order[i * batch_size:(i + 1) * batch_size].to(device)
+            for i in range(batches) if i * batch_size < n]
 
 
 def fastnas_keep(p, data_dir: Path, cfg, round_to: int):
@@ -116,9 +123,8 @@ def fastnas_keep(p, data_dir: Path, cfg, round_to: int):
     device = resolve_device("auto")
     train, val = open_split(data_dir, "train", device), open_split(data_dir, "val", device)
     bs = cfg.fastnas_batch_size
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
-    calibration = [train.normalise(train.take(order[i * bs:(i + 1) * bs].to(device))[0])
-                   for i in range(cfg.fastnas_calibration_batches) if i * bs < len(train)]
+    calibration = [train.normalise(train.take(i)[0]) for i in seeded_batches(
+        len(train), cfg.seed, cfg.fastnas_calibration_batches, bs, device)]
     shown = torch.arange(min(cfg.fastnas_score_images, len(val)), device=device)
     images, labels = val.take(shown)
 
