@@ -241,8 +241,12 @@ def run_experiment(name: str, parameters: dict[str, Any], deployment_name: str |
     else:
         from prefect.deployments import run_deployment
 
+        # The key makes the creation idempotent: under load the API client retries a POST
+        # whose answer timed out, and without it the server made a second flow run of the
+        # same experiment (seen on a 2-core CI machine: one ran, the other was orphaned).
         child = run_deployment(deployment_name, parameters=parameters, timeout=None,
                                flow_run_name=f"{name}" + (f" (attempt {attempt})" if attempt > 1 else ""),
+                               idempotency_key=f"{flow_run.id}:{name}:{attempt}",
                                poll_interval=2)
         state = child.state
         if state is None or state.is_crashed():
