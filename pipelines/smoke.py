@@ -9,9 +9,9 @@ What changes from the recipe (`smoke_params`): each dataset becomes `source: syn
 the real shape (an image folder's class count cannot be known without it: 1000, as
 ImageNet-1k), every batch size 2, every epoch count 1 (no warmup), CHIP scores 2 batches,
 latency tables (in the recipe's runtime) and measurements are one repeat at batch 2,
-calibrated on one random model, training runs in one CPU process (a sharded dataset, as
-ImageNet's is, stays sharded and is decoded in that process),
-and the grid keeps its first budget and first dataset (plus those its transfer pairs and
+calibrated on one random model, ONNX files come from the TorchScript exporter (the fast
+one), training runs in one CPU process (a sharded dataset, as ImageNet's is, stays sharded
+and is decoded in that process), and the grid keeps its first budget and first dataset (plus those its transfer pairs and
 rate configurations read): every model and method, each on one grid point. The stages run in
 this process, in DVC's order, from the commands DVC resolves from dvc.yaml: the imports
 are paid once instead of once per stage.
@@ -25,6 +25,7 @@ import os
 import shlex
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,10 @@ def smoke_params(raw: dict[str, Any]) -> dict[str, Any]:
                            "memory_format": "auto", "warmup": 1, "repeats": 1, "rounds": 1,
                            "calibration": 1}
     p["chip"] = {**p.get("chip", {}), "batches": 2, "batch_size": BATCH, "device": "cpu"}
+    # the TorchScript exporter: 15-30x faster than torch.export's on these models, which was
+    # most of a large recipe's smoke run (84 of 135 s for chip-cifar10); the export stage,
+    # its parity check and the registry run as ever (tests/test_export.py covers torch.export)
+    p["export"] = {**p.get("export", {}), "exporter": "torchscript"}
     prune = p.get("prune")
     if prune:  # the first budget and dataset, and those the transfers and rates read
         pairs = list((p["transfer"].get("pairs") or {}).values())
@@ -179,8 +184,11 @@ def run_smoke(recipe: str | os.PathLike[str], workdir: str | os.PathLike[str]) -
             if argv[:2] != ["python", "-m"]:
                 raise RuntimeError(f"{spec.name}: not a `python -m` stage command: {spec.cmd}")
             print(f"smoke {recipe.stem}: {spec.name}", flush=True)
+            start = time.perf_counter()
             main = importlib.import_module(argv[2]).main
             if run_main(main, argv[3:]) != 0:
                 raise RuntimeError(f"smoke run of {recipe}: stage {spec.name} failed")
+            print(f"smoke {recipe.stem}: {spec.name} done in {time.perf_counter() - start:.1f} s",
+                  flush=True)
             done.append(spec.name)
     return done

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             export_onnx(model, shape, folder / "model.onnx", {
                 **normalisation_metadata(meta["mean"], meta["std"]),
-                "chipprune.run": r.name, "chipprune.model": ckpt["model_name"]})
+                "chipprune.run": r.name, "chipprune.model": ckpt["model_name"]}, cfg.exporter)
             export_seconds = time.perf_counter() - t0
             session = ort_runtime.session(folder / "model.onnx", cfg.device)
             first = torch.arange(min(cfg.parity_images, len(test)))
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                 key = json.dumps([ckpt["model_name"], dense_kwargs(ckpt), shape], sort_keys=True)
                 if key not in dense_sessions:
                     path = Path(scratch) / f"dense-{len(dense_sessions)}.onnx"
-                    export_onnx(dense, shape, path)
+                    export_onnx(dense, shape, path, exporter=cfg.exporter)
                     dense_sessions[key] = ort_runtime.session(path, cfg.device)
                 reference = dense_sessions[key]
             latency = ort_runtime.latency_metrics(session, shape, lat.batch_sizes, lat.warmup,
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             if not pruned:
                 latency |= {f"ort_speedup_bs{bs}": 1.0 for bs in lat.batch_sizes}
             record = {
-                "run": r.name, "onnx": "model.onnx", "opset": OPSET,
+                "run": r.name, "onnx": "model.onnx", "opset": OPSET, "exporter": cfg.exporter,
                 "onnx_bytes": (folder / "model.onnx").stat().st_size,
                 "export_seconds": export_seconds,
                 "parity_images": check.images, "onnx_max_abs_diff": check.max_abs_diff,

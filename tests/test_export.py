@@ -15,6 +15,7 @@ from torch import nn
 from chipprune.data import prepare_dataset, save_prepared
 from chipprune.deploy import ort_runtime
 from chipprune.deploy.onnx_export import (
+    EXPORTERS,
     ExportError,
     Parity,
     export_onnx,
@@ -30,8 +31,9 @@ from stages._common import run_main
 from tests.conftest import REPO
 
 
+@pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("case", ["resnet20-A", "preresnet11-selections"])
-def test_pruned_models_export_with_parity_at_any_batch(tmp_path, case):
+def test_pruned_models_export_with_parity_at_any_batch(tmp_path, case, exporter):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if case == "resnet20-A":  # option-A channel maps over kept ORIGINAL indices
@@ -47,7 +49,7 @@ def test_pruned_models_export_with_parity_at_any_batch(tmp_path, case):
         model = PreResNet(11, num_classes=10, in_channels=1, kept=kept)
     model.eval()
     path = tmp_path / "m.onnx"
-    export_onnx(model, (1, 16, 16), path, normalisation_metadata([0.5], [0.25]))
+    export_onnx(model, (1, 16, 16), path, normalisation_metadata([0.5], [0.25]), exporter)
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
     meta = {p.key: p.value for p in proto.metadata_props}
@@ -75,6 +77,8 @@ def test_unexportable_model_is_an_export_error_naming_the_failure(tmp_path):
     with pytest.raises(ExportError, match="ONNX export of DataDependent failed: .+"):
         export_onnx(DataDependent(), (1, 4, 4), tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+    with pytest.raises(ValueError, match="exporter 'onnxscript': not one of dynamo, torchscript"):
+        export_onnx(DataDependent(), (1, 4, 4), tmp_path / "x.onnx", exporter="onnxscript")
 
 
 def test_latency_records_and_speedup_against_the_reference(tmp_path):

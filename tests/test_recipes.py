@@ -229,7 +229,7 @@ def test_every_recipe_resolves_for_a_real_run(recipe, tmp_path):
 
 
 # seconds alone here, for the order pytest-xdist hands the runs out in (heaviest first)
-SMOKE_COST = {"chipnet-cifar": 200, "chip-cifar10": 155, "chip-imagenet": 105,  # seconds,
+SMOKE_COST = {"chipnet-cifar": 110, "chip-cifar10": 70, "chip-imagenet": 85,  # seconds,
               "chipnet-cifar-preresnet": 90, "transfer-cifar100-to-cifar10": 55,  # measured
               "digits-full": 55, "digits-own-cnn": 70,
               "digits-peers": 80}                       # with export and FastNAS

@@ -1,5 +1,11 @@
-"""Export to ONNX with torch's exporter (the torch.export-based one, torch's default since
-2.9; the TorchScript exporter is deprecated), and the parity check against PyTorch.
+"""Export to ONNX with torch's exporter, and the parity check against PyTorch.
+
+Two exporters (`export.exporter`): `dynamo`, the torch.export-based one (torch's default
+since 2.9, the one that keeps working), and `torchscript`, the older one that PyTorch
+deprecated in 2.9 but still ships: measured here (torch 2.14, CPU), it exports a CIFAR
+ResNet-56 in 0.2 s against 5.8 s, ResNet-110 0.4 s against 6.4 s. Both write the same
+interface and both go through the same parity check, so a file is only kept when it computes
+what the checkpoint computes.
 
 The graph takes what the PyTorch model takes: float32 images already normalised, (N, C, H, W)
 with N dynamic; the normalisation is written into the file's metadata (`normalise_mean`,
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +28,7 @@ from torch import nn
 
 INPUT, OUTPUT = "images", "logits"
 OPSET = 18  # the exporter's own default opset at torch 2.9+
+EXPORTERS = ("dynamo", "torchscript")
 
 
 class ExportError(RuntimeError):
@@ -28,24 +36,43 @@ class ExportError(RuntimeError):
 
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: str | Path,
-                metadata: Mapping[str, str] = ()) -> None:
-    """Write `model` (eval mode, float32, CPU) as ONNX at `path`, batch dimension dynamic.
-    The caller writes `path` atomically (a temporary folder or file it then moves)."""
+                metadata: Mapping[str, str] = (), exporter: str = "dynamo") -> None:
+    """Write `model` (eval mode, float32, CPU) as ONNX at `path`, batch dimension dynamic,
+    with `exporter` (one of EXPORTERS). The caller writes `path` atomically (a temporary
+    folder or file it then moves)."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter {exporter!r}: not one of {', '.join(EXPORTERS)}")
     model = model.eval()
     example = (torch.zeros(2, *input_shape),)  # 2, not 1: a batch of 1 specialises N
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
-            program = torch.onnx.export(
-                model, example, dynamo=True, opset_version=OPSET,
-                input_names=[INPUT], output_names=[OUTPUT],
-                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
-            )
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporters print their progress
+            if exporter == "dynamo":
+                program = torch.onnx.export(
+                    model, example, dynamo=True, opset_version=OPSET,
+                    input_names=[INPUT], output_names=[OUTPUT],
+                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+                )
+            else:
+                with warnings.catch_warnings():  # its deprecation, chosen by the user
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    torch.onnx.export(
+                        model, example, str(path), dynamo=False, opset_version=OPSET,
+                        input_names=[INPUT], output_names=[OUTPUT],
+                        dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                    )
     except Exception as e:  # torch.export / onnxscript errors name the op that failed
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"ONNX export of {type(model).__name__} failed: {first}") from e
-    for key, value in dict(metadata).items():
-        program.model.metadata_props[key] = str(value)
-    program.save(str(path))
+    if exporter == "dynamo":
+        for key, value in dict(metadata).items():
+            program.model.metadata_props[key] = str(value)
+        program.save(str(path))
+    elif metadata:
+        import onnx
+
+        proto = onnx.load(str(path))
+        onnx.helper.set_model_props(proto, {k: str(v) for k, v in dict(metadata).items()})
+        onnx.save(proto, str(path))
 
 
 def normalisation_metadata(mean: list[float], std: list[float]) -> dict[str, str]:
