@@ -249,7 +249,7 @@ class ExportConfig(Strict):
     tolerance: float = Field(1e-4, gt=0, lt=1)
     device: Literal["cpu", "cuda"] = "cpu"  # ONNX Runtime's execution provider
     # torch's exporter: torch.export-based (its default), or TorchScript (deprecated by
-    # PyTorch, 15-30x faster to export here; chipprune.deploy.onnx_export)
+    # PyTorch, 4-30x faster to export here; chipprune.deploy.onnx_export)
     exporter: Literal["dynamo", "torchscript"] = "dynamo"
 
 

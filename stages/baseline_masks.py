@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> None:
 def taylor_gradients(model, data_dir: Path, cfg) -> None:
     """Fill model's .grad with the cross-entropy gradients summed over `taylor_batches` seeded
     batches of training images (on CUDA where there is one; the scores come back to the CPU)."""
-
     from chipprune.methods.peers import accumulate_gradients
     from chipprune.training.loop import resolve_device
     from chipprune.training.sources import open_split
