@@ -4,7 +4,7 @@ measurement. Prints two tables; never pass/fail.
     python bench/pruned_speed.py [--batch-sizes 1 256] [--rounds 3] [--repeats 3] [--device auto]
                                  [--no-published] [--no-grid] [--no-check] [--no-ort]
                                  [--check resnet56:3x32x32 vgg16_bn:3x32x32:64]
-                                 [--runtimes torch onnxruntime] [--calibration 4]
+                                 [--runtimes torch onnxruntime] [--calibration 4] [--check-rounds 7]
 
 1. Speed against MACs, per model: CHIP's published ResNet-56 configurations (DESIGN.md
    section 5; the ResNet-110 and VGG-16 rate strings are not documented in this repo, so they
@@ -107,27 +107,28 @@ class Bench:
 
 class OrtBench:
     """The same discipline in ONNX Runtime: each model exported once (float32), every (model,
-    batch) once per round, the fastest round kept; a short pause before each timing lets the
-    previous session's threads stop spinning (chipprune.deploy.ort_latency.OrtTimer)."""
+    batch) once per round in a fresh session (warmed up; live sessions' idle thread pools slow
+    the one being timed: chipprune.deploy.ort_latency.OrtTimer), the fastest round kept."""
 
     def __init__(self, device, repeats: int):
         self.device, self.repeats = "cuda" if device.type == "cuda" else "cpu", repeats
         self.scratch = tempfile.TemporaryDirectory(prefix="bench-ort-")
-        self.models: dict[str, tuple[object, tuple[int, int, int]]] = {}
+        self.models: dict[str, tuple[Path, tuple[int, int, int]]] = {}
         self.best: dict[tuple, float] = {}
 
     def add(self, key: str, model: torch.nn.Module, shape: tuple[int, int, int]) -> None:
         path = Path(self.scratch.name) / f"{len(self.models)}.onnx"
         export_onnx(model.float().cpu().eval(), shape, path)
-        self.models[key] = (ort_runtime.session(path, self.device), shape)
+        self.models[key] = (path, shape)
 
     def run(self, batch_sizes, rounds: int, quiet: bool = False) -> None:
         for r in range(rounds):
-            for key, (sess, shape) in self.models.items():
+            for key, (path, shape) in self.models.items():
                 for bs in batch_sizes:
+                    sess = ort_runtime.session(path, self.device)
                     time.sleep(ort_runtime.QUIET_S)
-                    ms = ort_runtime.median_latency_ms(sess, shape, bs, 3 if r == 0 else 1,
-                                                       self.repeats)
+                    ms = ort_runtime.median_latency_ms(sess, shape, bs, 3, self.repeats)
+                    del sess
                     self.best[(key, bs)] = min(self.best.get((key, bs), math.inf), ms)
             if not quiet:
                 print(f"  ONNX Runtime round {r + 1}/{rounds} done", flush=True)
@@ -284,7 +285,7 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
             bench.add(label, pruned, shape)
             macs = bm.fraction("flops", {g: len(v) for g, v in kept.items()})
             results.append((label, r.achieved, macs))
-        bench.run([bs], args.rounds, quiet=True)
+        bench.run([bs], args.check_rounds, quiet=True)
         d = bench.ms("dense", bs, fmt)
         for label, pred, macs in results:
             m = bench.ms(label, bs, fmt)
@@ -314,6 +315,8 @@ def main() -> None:
     ap.add_argument("--no-ort", action="store_true", help="no ONNX Runtime columns")
     ap.add_argument("--runtimes", nargs="+", default=["torch", "onnxruntime"],
                     choices=["torch", "onnxruntime"], help="runtimes of the latency check")
+    ap.add_argument("--check-rounds", type=int, default=7,
+                    help="rounds of the check's dense-against-pruned measurement (cheap: 3 models)")
     ap.add_argument("--calibration", type=int, default=4,
                     help="random whole models each table is fitted to (0: no fit)")
     ap.add_argument(

@@ -652,3 +652,25 @@ def test_a_noisy_profile_is_repeated_and_the_best_checked_table_kept():
     errors = iter([0.5, -0.3, 0.2])
     table, tables = best_checked(profile, attempts=3, max_error=0.1)
     assert len(tables) == 3 and table.meta["check"]["error"] == 0.2  # none passed: the best
+
+
+# run costs of 2^-k s: exact in binary, so the fake clock's sums are exact too
+@pytest.mark.parametrize("cost_s,warmup,runs", [
+    (2.0**-13, 3, (82, 82)),  # 0.122 ms: timed for MIN_MS (82 runs), warm-up and measurement
+    (2.0**-8, 3, (3, 3)),  # 3.9 ms: 3 runs pass MIN_MS, the counts decide
+    (2.0**-13, 0, (0, 82)),  # no warm-up asked, none done
+    (2.0**-9, 1, (6, 6)),  # 1.95 ms: 6 runs to pass MIN_MS
+])
+def test_short_runs_are_timed_for_a_minimum_time(monkeypatch, cost_s, warmup, runs):
+    from chipprune.budgets import latency
+
+    assert latency.MIN_MS == 10.0
+    clock, calls = [0.0], []
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: clock[0])
+
+    def run():  # a run that costs exactly cost_s on the fake clock
+        clock[0] += cost_s
+        calls.append(clock[0])
+
+    assert latency.median_ms(run, warmup, repeats=3) == cost_s * 1e3
+    assert len(calls) == sum(runs)

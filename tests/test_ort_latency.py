@@ -57,12 +57,12 @@ def test_ort_timer_times_layers_and_whole_models():
                                         (1, 16, 16))[1] if p[5].residual)
     timer = OrtTimer(warmup=1, repeats=2, quiet_s=0.0)
     assert timer(op, 8, 16, 2) > 0 and timer(op, 8, 16, 2) > 0
-    assert len(timer._sessions) == 1  # built once, reused
+    assert len(timer._graphs) == 1  # written once, reused
     build = lambda w: create_model("resnet20", num_classes=10, in_channels=1,  # noqa: E731
                                    **({"widths": w} if w else {}))
     run = timer.model_timer(build, (1, 16, 16), 2)
     half = {g: max(1, w // 2) for g, w in build(None).describe().widths().items()}
-    assert run(half) > 0 and len(timer._sessions) == 2
+    assert run(half) > 0 and len(timer._graphs) == 2
 
 
 def test_profile_latency_stage_in_onnxruntime(tmp_path, mlflow_store):

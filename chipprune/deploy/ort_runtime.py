@@ -4,8 +4,6 @@ machine only adds time), the model and its dense reference alternating in each r
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +40,11 @@ def median_latency_ms(sess, input_shape: tuple[int, int, int], batch_size: int,
 
 
 def median_run_ms(sess, feeds: dict[str, np.ndarray], warmup: int, repeats: int) -> float:
-    """Median wall time in ms of `sess.run` on `feeds`, after `warmup` runs."""
-    for _ in range(warmup):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median wall time in ms of `sess.run` on `feeds` (`chipprune.budgets.latency.median_ms`:
+    sub-millisecond runs are repeated for a minimum time)."""
+    from chipprune.budgets.latency import median_ms
+
+    return median_ms(lambda: sess.run(None, feeds), warmup, repeats)
 
 
 def latency_metrics(sess, input_shape: tuple[int, int, int], batch_sizes: list[int],
