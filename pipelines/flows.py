@@ -13,6 +13,7 @@ import shutil
 import socket
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from prefect.runtime import deployment, flow_run, task_run
 from chipprune.config import ConfigError
 from pipelines import sweep_tasks
 from pipelines.graph import StageSpec, plan_stages, shared_stages
+from pipelines.stage_server import serving
 from pipelines.tasks import (
     ParentRun,
     StageOutcome,
@@ -141,9 +143,12 @@ def pruning_pipeline(
             "CHIPPRUNE_ROOT": root,
         }
         stale = set(stale_stages(root, env)) if status_first else None
-        outcomes, not_done = _reproduce_in_order(
-            root, specs, env, parent, _needs_repro(specs, stale)
-        )
+        needed = _needs_repro(specs, stale)
+        # stages fork from a warm server instead of each importing torch and MLflow (seconds
+        # a stage); none is started when every stage is up to date
+        with serving(Path(root)) if needed else nullcontext({}) as served:
+            outcomes, not_done = _reproduce_in_order(root, specs, {**env, **served}, parent,
+                                                     needed)
     if not_done:
         raise PipelineFailed(
             "stages not reproduced: " + ", ".join(f"{k} ({v})" for k, v in not_done.items())
@@ -214,7 +219,9 @@ def reproduce_experiment(
         ws = sweep_tasks.prepare_workspace(str(root), str(scratch / name), name, overrides)
         env["CHIPPRUNE_ROOT"] = ws
         sweep_tasks.dvc_step(ws, name, ["checkout", "--allow-missing"], env)
-        log = sweep_tasks.dvc_step(ws, name, ["repro", *(["--pull"] if remote else []), *targets], env)
+        with serving(Path(ws)) as served:  # the workspace's own code, warm (see above)
+            log = sweep_tasks.dvc_step(ws, name, ["repro", *(["--pull"] if remote else []),
+                                                  *targets], {**env, **served})
         if remote:
             sweep_tasks.dvc_step(ws, name, ["push", "--run-cache", *targets], env)
         outcomes = sweep_tasks.repro_outcomes(log)

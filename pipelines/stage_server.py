@@ -15,7 +15,9 @@ The fork starts from the server's pristine state each time, never from an earlie
 That is safe because the server has run no torch op: no OpenMP pool, no CUDA context exists
 to be inherited. Torch's thread count, fixed at import, is set again from the stage's own
 OMP_NUM_THREADS. The server only serves stages of the checkout it imported; any other
-(a `dvc exp` temp workspace, a sweep copy) runs in its own process as before.
+(a `dvc exp` temp workspace) runs in its own process as before. The Prefect flows start one
+with `serving(root)`: the pipeline flow for its repo, the experiment flow for its workspace
+copy (whose code the server then imports).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipelines.process_group import stop_group
@@ -153,9 +157,11 @@ def handle(conn: socket.socket, default_threads: int) -> None:
         pass
 
 
-def serve(path: str) -> None:
+def serve(path: str, parent: int | None = None) -> None:
     """Bind `path` first (so stage processes queue on it while the imports run), import,
-    then fork a handler per connection until SIGTERM."""
+    then fork a handler per connection until SIGTERM, or until the process `parent` is gone
+    (checked every second: a server outliving a killed flow run would otherwise wait on its
+    socket forever)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     sock.listen(64)
@@ -163,7 +169,9 @@ def serve(path: str) -> None:
         os.environ.pop(var, None)
     default_threads = preload()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # handlers are reaped by the kernel
-    while True:
+    while parent is None or os.getppid() == parent:
+        if not select.select([sock], [], [], 1.0)[0]:
+            continue
         conn, _ = sock.accept()
         if os.fork() == 0:
             sock.close()
@@ -174,36 +182,46 @@ def serve(path: str) -> None:
         conn.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pipelines.stage_server", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--serve", metavar="SOCKET", help=argparse.SUPPRESS)
-    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
-    args = ap.parse_args(argv)
-    if args.serve:
-        serve(args.serve)
-        return 0
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        ap.error("give the command to run after --")
+@contextmanager
+def serving(root: Path) -> Iterator[dict[str, str]]:
+    """A warm server for the stages of the checkout at `root` while the block runs (its own
+    code: a sweep's workspace copy gets a server of its own); yields the environment entries
+    that hand a stage to it, or none if it did not start (stages then start cold)."""
     with tempfile.TemporaryDirectory(prefix="chipprune-stages-") as tmp:
         path = str(Path(tmp) / "socket")
-        server = subprocess.Popen([sys.executable, "-m", "pipelines.stage_server", "--serve", path],
-                                  cwd=ROOT, start_new_session=True)
+        server = subprocess.Popen([sys.executable, "-m", "pipelines.stage_server", "--serve", path,
+                                   "--parent", str(os.getpid())], cwd=root, start_new_session=True)
         try:
             deadline = time.monotonic() + 30
             while not os.path.exists(path) and server.poll() is None:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.02)
-            if not os.path.exists(path):  # no server: the command runs as without one
+            if os.path.exists(path):
+                yield {ENV_SOCKET: path, ENV_ROOT: str(Path(root).resolve())}
+            else:
                 print("warning: the stage server did not start; stages start cold",
                       file=sys.stderr)
-                return subprocess.call(command)
-            return subprocess.call(command, env={**os.environ, ENV_SOCKET: path,
-                                                 ENV_ROOT: str(ROOT)})
+                yield {}
         finally:
             stop_group(server, timeout=10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pipelines.stage_server", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--serve", metavar="SOCKET", help=argparse.SUPPRESS)
+    ap.add_argument("--parent", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
+    args = ap.parse_args(argv)
+    if args.serve:
+        serve(args.serve, args.parent)
+        return 0
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        ap.error("give the command to run after --")
+    with serving(ROOT) as env:
+        return subprocess.call(command, env={**os.environ, **env})
 
 
 if __name__ == "__main__":

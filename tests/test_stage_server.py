@@ -220,3 +220,40 @@ def test_wrapper_serves_its_command_and_stops_the_server(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pipelines.stage_server"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "give the command to run after --" in bad.stderr
+
+
+def test_serving_a_copy_uses_its_code_and_ends_with_a_killed_caller(tmp_path):
+    """`serving(root)` (what the Prefect flows open) starts a server in `root`, so a sweep's
+    workspace copy is served its own code; when the process that opened it is SIGKILLed (a
+    worker machine's flow run), the server goes too instead of waiting on its socket."""
+    copy = tmp_path / "copy"
+    for name in ("chipprune", "stages", "pipelines", "nets"):
+        shutil.copytree(REPO / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    opener = textwrap.dedent("""
+        import sys, time
+        from pathlib import Path
+        from pipelines.stage_server import serving
+        with serving(Path(sys.argv[1])) as env:
+            print(env["CHIPPRUNE_STAGE_SERVER"], env["CHIPPRUNE_STAGE_SERVER_ROOT"], flush=True)
+            time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", opener, str(copy)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        socket_path, root = proc.stdout.readline().split()
+        assert Path(socket_path).exists() and root == str(copy.resolve())
+        servers = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+                   if socket_path.encode() in _read(p)]
+        assert len(servers) == 1
+        assert Path(f"/proc/{servers[0]}/cwd").resolve() == copy.resolve()  # its code
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{servers[0]}").exists() and time.monotonic() < deadline:
+        status = Path(f"/proc/{servers[0]}/stat").read_text().rsplit(")", 1)[1].split()[0] \
+            if Path(f"/proc/{servers[0]}/stat").exists() else "X"
+        if status == "Z":  # exited; only its parent's reaping is left (init's, now)
+            break
+        time.sleep(0.1)
+    assert not Path(f"/proc/{servers[0]}").exists() or status == "Z"
