@@ -267,6 +267,9 @@ class LatencyBudgetConfig(Strict):
     memory_format: Literal["auto", "nchw", "channels_last"] = "auto"
     warmup: int = Field(3, ge=1)  # untimed forwards of each new module (its first is slow)
     repeats: int = Field(3, ge=1)  # forwards per timing (their median)
+    # ... and both the warm-up and the timed forwards last at least this many ms (a layer at
+    # batch 1 runs for microseconds: budgets.latency.MIN_MS; 0 in tests, where speed matters)
+    min_ms: float = Field(10.0, ge=0)
     rounds: int = Field(5, ge=1)  # passes over every grid point; the fastest is kept
     # profile again (up to `attempts` in all) while the table's held-out check, a whole
     # model at half the widths, misses its measured time by more than this fraction

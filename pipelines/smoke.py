@@ -8,13 +8,13 @@ exercised end to end without its data or a GPU.
 What changes from the recipe (`smoke_params`): each dataset becomes `source: synthetic` of
 the real shape (an image folder's class count cannot be known without it: 1000, as
 ImageNet-1k), every batch size 2, every epoch count 1 (no warmup), CHIP scores 2 batches,
-latency tables (in the recipe's runtime) and measurements are one repeat at batch 2,
-calibrated on one random model, ONNX files come from the TorchScript exporter (the fast
-one), training runs in one CPU process (a sharded dataset, as ImageNet's is, stays sharded
-and is decoded in that process), and the grid keeps its first budget and first dataset
-(plus those its transfer pairs and rate configurations read): every model and method, each
-on one grid point. The stages run in this process, in DVC's order, from the commands DVC
-resolves from dvc.yaml: the imports are paid once instead of once per stage.
+latency tables (in the recipe's runtime) and measurements are one repeat at batch 2 with
+no minimum time, calibrated on one random model, ONNX files come from the TorchScript
+exporter (the fast one), training runs in one CPU process (a sharded dataset, as ImageNet's
+is, stays sharded and is decoded in that process), and the grid keeps its first budget and
+first dataset (plus those its transfer pairs and rate configurations read): every model and
+method, each on one grid point. The stages run in this process, in DVC's order, from the
+commands DVC resolves from dvc.yaml: the imports are paid once instead of once per stage.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def smoke_params(raw: dict[str, Any]) -> dict[str, Any]:
     p["latency_budget"] = {"device": "cpu", "batch_size": BATCH, "step": 1024,
                            "runtime": raw.get("latency_budget", {}).get("runtime", "torch"),
                            "memory_format": "auto", "warmup": 1, "repeats": 1, "rounds": 1,
-                           "calibration": 1}
+                           "min_ms": 0, "calibration": 1}
     p["chip"] = {**p.get("chip", {}), "batches": 2, "batch_size": BATCH, "device": "cpu"}
     # the TorchScript exporter: 4-30x faster than torch.export's on these models, which was
     # most of a large recipe's smoke run (84 of 135 s for chip-cifar10); the export stage,

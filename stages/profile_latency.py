@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> None:
             if cfg.runtime == "onnxruntime":
                 from chipprune.deploy.ort_latency import OrtTimer
 
-                timer = OrtTimer(cfg.device, cfg.warmup, cfg.repeats)
+                timer = OrtTimer(cfg.device, cfg.warmup, cfg.repeats, min_ms=cfg.min_ms)
             else:
-                timer = TorchTimer(device, fmt, cfg.warmup, cfg.repeats)
+                timer = TorchTimer(device, fmt, cfg.warmup, cfg.repeats, min_ms=cfg.min_ms)
             table = profile_model(
                 model,
                 shape,

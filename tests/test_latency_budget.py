@@ -380,6 +380,7 @@ TINY = {
     "memory_format": "auto",
     "warmup": 1,
     "repeats": 1,
+    "min_ms": 0,
     "rounds": 1,
 }
 
@@ -674,3 +675,19 @@ def test_short_runs_are_timed_for_a_minimum_time(monkeypatch, cost_s, warmup, ru
 
     assert latency.median_ms(run, warmup, repeats=3) == cost_s * 1e3
     assert len(calls) == sum(runs)
+
+
+def test_min_ms_zero_times_exactly_the_runs_asked_for(monkeypatch):
+    from chipprune.budgets import latency
+    from chipprune.config import LatencyBudgetConfig
+
+    clock, calls = [0.0], []
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: clock[0])
+
+    def run():
+        clock[0] += 2.0**-13
+        calls.append(clock[0])
+
+    assert latency.median_ms(run, 2, repeats=3, min_ms=0) == 2.0**-13 * 1e3
+    assert len(calls) == 5
+    assert LatencyBudgetConfig().min_ms == latency.MIN_MS  # the stage's default is the same

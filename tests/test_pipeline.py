@@ -48,7 +48,8 @@ def repo(tmp_path_factory):
         methods=["chipnet", "chip", "random"], baselines=["random"], budgets=["flops-0.5"],
     )
     params["evaluate"]["latency"] = {"batch_sizes": [1, 8], "warmup": 1, "repeats": 2}
-    params["latency_budget"].update(batch_size=8, step=16, warmup=1, repeats=1, rounds=1)
+    params["latency_budget"].update(batch_size=8, step=16, warmup=1, repeats=1, rounds=1,
+                                    min_ms=0)
     # TorchScript's exporter: torch.export's was 30 of this fixture's 80 s; the default one
     # runs through the export stage in tests/test_export.py
     params["export"]["exporter"] = "torchscript"

@@ -40,7 +40,8 @@ def tiny_params() -> dict:
     params["chip_rates"] = {}
     params["transfer"]["pairs"] = {}
     params["evaluate"]["latency"] = {"batch_sizes": [1, 8], "warmup": 1, "repeats": 2}
-    params["latency_budget"].update(batch_size=8, step=16, warmup=1, repeats=1, rounds=1)
+    params["latency_budget"].update(batch_size=8, step=16, warmup=1, repeats=1, rounds=1,
+                                    min_ms=0)
     return params
 
 

@@ -77,8 +77,10 @@ def median_latency_ms(
     repeats: int = 20,
     memory_format: str = "nchw",
     dtype: torch.dtype = torch.float32,
+    min_ms: float = MIN_MS,
 ) -> float:
-    """Median wall time in ms of one forward pass of a (batch_size, *input_shape) batch.
+    """Median wall time in ms of one forward pass of a (batch_size, *input_shape) batch
+    (`median_ms`).
 
     `memory_format` ("nchw" or "channels_last") is applied to the model (in place) and the
     input; `dtype` is the input's (the model must already be in it)."""
@@ -90,7 +92,7 @@ def median_latency_ms(
     model.to(memory_format=fmt)
     x = torch.randn(batch_size, *input_shape, device=device, dtype=dtype)
     x = x.contiguous(memory_format=fmt)
-    ms = median_ms(lambda: model(x), warmup, repeats, sync=lambda: _sync(device))
+    ms = median_ms(lambda: model(x), warmup, repeats, min_ms, sync=lambda: _sync(device))
     model.train(was_training)
     return ms
 

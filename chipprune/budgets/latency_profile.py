@@ -201,9 +201,13 @@ class TorchTimer:
         warmup: int = 3,
         repeats: int = 3,
         dtype: torch.dtype = torch.float32,
+        min_ms: float | None = None,
     ):
+        from chipprune.budgets.latency import MIN_MS
+
         self.device, self.memory_format = device, memory_format
         self.warmup, self.repeats, self.dtype = warmup, repeats, dtype
+        self.min_ms = MIN_MS if min_ms is None else min_ms
         self._modules: dict[tuple, nn.Module] = {}
 
     def _time(self, cache: dict, key: tuple, build: Callable[[], nn.Module],
@@ -224,6 +228,7 @@ class TorchTimer:
             self.repeats,
             memory_format=self.memory_format,
             dtype=self.dtype,
+            min_ms=self.min_ms,
         )
 
     def __call__(self, op: ConvOp, n_in: int, n_out: int, batch_size: int) -> float:

@@ -96,8 +96,9 @@ class OrtTimer:
     threads wind down."""
 
     def __init__(self, device: str = "cpu", warmup: int = 3, repeats: int = 3,
-                 quiet_s: float = ort_runtime.QUIET_S):
+                 quiet_s: float = ort_runtime.QUIET_S, min_ms: float | None = None):
         self.device, self.warmup, self.repeats, self.quiet_s = device, warmup, repeats, quiet_s
+        self.min_ms = min_ms  # None: budgets.latency.MIN_MS
         self._graphs: dict[tuple, bytes] = {}
         self._scratch = tempfile.TemporaryDirectory(prefix="chipprune-ort-")
 
@@ -107,7 +108,8 @@ class OrtTimer:
         sess = ort_runtime.session(self._graphs[key], self.device)
         if self.quiet_s:
             time.sleep(self.quiet_s)
-        ms = ort_runtime.median_run_ms(sess, feeds, max(1, self.warmup), self.repeats)
+        ms = ort_runtime.median_run_ms(sess, feeds, max(1, self.warmup), self.repeats,
+                                       self.min_ms)
         del sess  # its threads stop here (see the class doc)
         return ms
 

@@ -39,12 +39,14 @@ def median_latency_ms(sess, input_shape: tuple[int, int, int], batch_size: int,
     return median_run_ms(sess, {name: x}, warmup, repeats)
 
 
-def median_run_ms(sess, feeds: dict[str, np.ndarray], warmup: int, repeats: int) -> float:
+def median_run_ms(sess, feeds: dict[str, np.ndarray], warmup: int, repeats: int,
+                  min_ms: float | None = None) -> float:
     """Median wall time in ms of `sess.run` on `feeds` (`chipprune.budgets.latency.median_ms`:
-    sub-millisecond runs are repeated for a minimum time)."""
-    from chipprune.budgets.latency import median_ms
+    sub-millisecond runs are repeated for `min_ms`, by default MIN_MS)."""
+    from chipprune.budgets.latency import MIN_MS, median_ms
 
-    return median_ms(lambda: sess.run(None, feeds), warmup, repeats)
+    return median_ms(lambda: sess.run(None, feeds), warmup, repeats,
+                     MIN_MS if min_ms is None else min_ms)
 
 
 def latency_metrics(sess, input_shape: tuple[int, int, int], batch_sizes: list[int],
