@@ -48,19 +48,17 @@ def median_ms(run: Callable[[], object], warmup: int, repeats: int, min_ms: floa
     """Median wall time in ms of `run()` (then `sync()`): after `warmup` runs, and with any
     warm-up at all at least `min_ms` of it, at least `repeats` timed runs and `min_ms` of
     them (at most MAX_RUNS each)."""
-    spent, n = 0.0, 0
-    while n < warmup or (warmup > 0 and spent < min_ms and n < MAX_RUNS):
-        t0 = time.perf_counter()
-        run()
-        sync()
-        spent, n = spent + (time.perf_counter() - t0) * 1e3, n + 1
-    times: list[float] = []
-    while len(times) < repeats or (sum(times) < min_ms and len(times) < MAX_RUNS):
-        t0 = time.perf_counter()
-        run()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    def timed(count: int, at_least_ms: float) -> list[float]:
+        times: list[float] = []
+        while len(times) < count or (sum(times) < at_least_ms and len(times) < MAX_RUNS):
+            t0 = time.perf_counter()
+            run()
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+    timed(warmup, min_ms if warmup > 0 else 0.0)
+    return statistics.median(timed(repeats, min_ms))
 
 
 MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
