@@ -37,8 +37,8 @@ HELPER = textwrap.dedent("""
         os.kill(os.getpid(), 15)
     elif what == "sleep":
         open(sys.argv[2], "w").write(str(os.getpid()))
-        print("ready", flush=True)
-        try:
+        try:  # "ready" inside: a SIGINT right after it still lands in the handler
+            print("ready", flush=True)
             time.sleep(60)
         except KeyboardInterrupt:
             print("interrupted", flush=True)
