@@ -298,7 +298,8 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
         check = table.meta["check"]
         print(
             f"{'':<26}table ({runtime}): dense {table.model_ms:.3f} ms, rest "
-            f"{table.rest_ms:.3f} ms, scale {table.scale:.3f}, {table.meta['timings']} "
+            f"{table.rest_ms:.3f} ms, scale {table.scale:.3f}, call {table.call_ms:+.4f} ms, "
+            f"{table.meta['timings']} "
             f"timings; its half-width check {check['error']:+.1%}", flush=True,
         )
 

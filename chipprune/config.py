@@ -275,8 +275,9 @@ class LatencyBudgetConfig(Strict):
     # model at half the widths, misses its measured time by more than this fraction
     max_check_error: float = Field(0.1, gt=0)
     attempts: int = Field(3, ge=1)
-    # rest and scale fitted to whole models: the dense one, quarter and three-quarter widths
-    # and this many random-width ones (0: no fit, rest closes the dense model's gap)
+    # rest, scale and per-layer call fitted to whole models: the dense one, quarter and
+    # three-quarter widths and this many random-width ones (0: no fit, rest closes the
+    # dense model's gap)
     calibration: int = Field(4, ge=0)
 
 

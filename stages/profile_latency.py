@@ -1,7 +1,7 @@
 """DVC stage `profile_latency`: the latency table of one architecture on the target device at
 the target batch size in the target runtime (params `latency_budget`: eager PyTorch, or ONNX
 Runtime as the export stage runs the model), for the `latency` budget type -> table.json
-(per prunable conv, measured ms on a grid of in/out widths, rest and scale fitted to whole
+(per prunable conv, measured ms on a grid of in/out widths, rest, scale and call fitted to whole
 models; chipprune.budgets.latency_table), MLflow.
 
     python -m stages.profile_latency <dataset> <model> <data_dir> <out_dir>
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                 "dense_ms": table.model_ms,
                 "rest_ms": table.rest_ms,
                 "scale": table.scale,
+                "call_ms": table.call_ms,
                 "check_error": check["error"],
                 "timings": table.meta["timings"],
                 "profile_seconds": seconds,
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{name}: {len(table.layers)} layers, {table.meta['timings']} timings x {cfg.rounds} "
         f"rounds in {seconds:.1f}s on {device} ({cfg.runtime}, {fmt}, batch {cfg.batch_size}); "
-        f"dense {table.model_ms:.3f} ms, rest {table.rest_ms:.3f} ms, scale {table.scale:.3f}; "
+        f"dense {table.model_ms:.3f} ms, rest {table.rest_ms:.3f} ms, scale {table.scale:.3f}, "
+        f"call {table.call_ms:+.4f} ms; "
         "half-width model predicted "
         f"{check['predicted_ms']:.3f} ms, measured {check['measured_ms']:.3f} ms "
         f"({check['error']:+.1%})",

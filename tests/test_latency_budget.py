@@ -19,7 +19,7 @@ from chipprune.budgets.latency import latency_metrics
 from chipprune.budgets.latency_profile import (
     calibration_widths,
     check_widths,
-    fit_rest_and_scale,
+    fit_latency_model,
     profile_model,
 )
 from chipprune.budgets.latency_table import (
@@ -72,6 +72,14 @@ def layer_sum(model, widths: dict[str, float], timer=bilinear_timer, batch: int 
         if all(widths[g] > 0 for g in branch_of.get(c.conv, ())):
             total += timer(ops[c.conv], a, b, batch)
     return total
+
+
+def alive_layers(model, widths: dict[str, float]) -> int:
+    """The convs a model at `widths` still runs (a removed branch's are gone)."""
+    spec = model.describe()
+    branch_of = {c: br.groups for br in spec.branches for c in (*br.convs, *br.also)}
+    return sum(all(widths[g] > 0 for g in branch_of.get(c.conv, ()))
+               for c in (*spec.convs, *spec.fixed))
 
 
 def expected_ms(model, widths: dict[str, float]) -> float:
@@ -146,18 +154,20 @@ def test_rest_and_the_half_width_check(resnet20):
     )
 
 
-def test_calibration_fits_rest_and_scale_to_whole_models_and_holds_out_the_check(resnet20):
-    """Whole models that cost 3 ms + 0.6 x their layers (layers timed alone overstate them):
-    the fit over dense, quarter, three-quarter and 4 random models recovers rest 3 and scale
-    0.6 exactly, so the held-out half-width model is predicted exactly; uncalibrated, the
-    same timings leave the check 20% off."""
+def test_calibration_fits_rest_scale_and_call_to_whole_models_and_holds_out_the_check(
+        resnet20):
+    """Whole models that cost 3 ms + 0.6 x their layers + 0.05 ms per layer they run (layers
+    timed alone overstate their widths' cost; each layer costs the model a call): the fit over
+    dense, quarter, three-quarter and 4 random models (some with branches removed) recovers
+    rest 3, scale 0.6 and call 0.05, so the held-out half-width model is predicted exactly;
+    uncalibrated, the same timings leave the check off."""
     model, _, _ = resnet20
     dense = model.describe().widths()
     timed = []
 
     def whole(w):
         timed.append(dict(w))
-        return 3.0 + 0.6 * layer_sum(model, w)
+        return 3.0 + 0.6 * layer_sum(model, w) + 0.05 * alive_layers(model, w)
 
     table = profile(model, model_timer=whole, calibration=4)
     vanishing = frozenset(g for br in model.describe().branches for g in br.groups)
@@ -165,28 +175,64 @@ def test_calibration_fits_rest_and_scale_to_whole_models_and_holds_out_the_check
     assert any(w[g] == 0 for w in calib[2:] for g in vanishing)  # some branches removed
     assert timed == [dense, check_widths(dense, 8), *calib]  # one round, in this order
     assert len(calib) == 6 and calib[0]["layer3"] == 16 and calib[1]["layer3"] == 48
-    assert (table.rest_ms, table.scale) == (pytest.approx(3.0, rel=1e-9),
-                                            pytest.approx(0.6, rel=1e-12))
-    assert table.meta["calibration"]["models"] == 7
-    assert table.meta["calibration"]["max_fit_error"] == pytest.approx(0.0, abs=1e-12)
-    assert table.meta["check"]["error"] == pytest.approx(0.0, abs=1e-12)
+    assert (table.rest_ms, table.scale, table.call_ms) == (
+        pytest.approx(3.0, rel=1e-9), pytest.approx(0.6, rel=1e-9), pytest.approx(0.05, rel=1e-9))
+    cal = table.meta["calibration"]
+    assert cal["models"] == 7 and cal["alive_layers"] == [
+        alive_layers(model, w) for w in (dense, *calib)]
+    assert min(cal["alive_layers"]) < 19 == cal["alive_layers"][0]
+    assert cal["max_fit_error"] == pytest.approx(0.0, abs=1e-9)
+    assert table.meta["check"]["error"] == pytest.approx(0.0, abs=1e-9)
     assert table.dense_predicted_ms == pytest.approx(table.model_ms, rel=1e-12)
+    # a model with a branch removed: 0.6 x its layers + 0.05 per alive one, exactly
+    gone = {**dense, "layer2.2": 0}
+    bm = BudgetModel.from_model(model, SHAPE, latency=table)
+    assert bm.cost("latency", gone) == pytest.approx(whole(gone), rel=1e-9)
     plain = profile(model, model_timer=whole)
     half = check_widths(dense, 8)
-    want = 3.0 + 0.6 * layer_sum(model, dense) - layer_sum(model, dense) + layer_sum(model, half)
+    want = whole(dense) - layer_sum(model, dense) + layer_sum(model, half)
+    assert plain.call_ms == 0.0
     assert plain.meta["check"]["predicted_ms"] == pytest.approx(want, rel=1e-12)
-    # the scale survives the file
-    assert LatencyTable.from_dict(table.as_dict()).scale == table.scale
+    # scale and call survive the file
+    again = LatencyTable.from_dict(table.as_dict())
+    assert (again.scale, again.call_ms) == (table.scale, table.call_ms)
 
 
-def test_fit_rest_and_scale_is_least_squares_with_the_scale_held_at_zero_or_above():
-    assert fit_rest_and_scale([1.0, 2.0, 3.0], [5.0, 7.0, 9.0]) == (3.0, 2.0)
-    rest, scale = fit_rest_and_scale([1.0, 2.0, 3.0], [5.0, 8.0, 8.0])  # noisy: least squares
-    assert scale == pytest.approx(1.5) and rest == pytest.approx(7.0 - 1.5 * 2.0)
-    assert fit_rest_and_scale([1.0, 2.0, 3.0], [9.0, 7.0, 5.0]) == (7.0, 0.0)  # falls: flat
-    assert fit_rest_and_scale([2.0, 2.0], [4.0, 6.0]) == (5.0, 0.0)  # nothing to fit a slope on
+def test_fit_latency_model_is_least_squares_held_to_a_monotone_prediction():
+    def fit(sums, measured, alive=None, min_layer_ms=0.0):
+        return fit_latency_model(sums, alive or [10.0] * len(sums), measured, min_layer_ms)
+
+    assert fit([1.0, 2.0, 3.0], [5.0, 7.0, 9.0]) == pytest.approx((3.0, 2.0, 0.0))
+    rest, scale, call = fit([1.0, 2.0, 3.0], [5.0, 8.0, 8.0])  # noisy: least squares
+    assert (scale, rest, call) == pytest.approx((1.5, 7.0 - 1.5 * 2.0, 0.0))
+    assert fit([1.0, 2.0, 3.0], [9.0, 7.0, 5.0]) == pytest.approx((7.0, 0.0, 0.0))  # falls: flat
+    assert fit([2.0, 2.0], [4.0, 6.0]) == pytest.approx((5.0, 0.0, 0.0))  # no slope to fit
+    # three regressors, exact data: recovered
+    sums, alive = [1.0, 2.0, 3.0, 4.0], [10.0, 10.0, 8.0, 9.0]
+    exact = [3.0 + 2.0 * x + 0.1 * n for x, n in zip(sums, alive, strict=True)]
+    assert fit(sums, exact, alive, 0.5) == pytest.approx((3.0, 2.0, 0.1))
+    # data asking for a call below -scale x the smallest entry: held on that bound
+    low = [3.0 + 2.0 * x - 0.3 * n for x, n in zip(sums, alive, strict=True)]
+    rest, scale, call = fit(sums, low, alive, 0.1)
+    assert call == pytest.approx(-0.1 * scale) and scale > 0
+    assert fit(sums, low, alive, 1.0) == pytest.approx((3.0, 2.0, -0.3))  # within the bound
+    # time falls with the layers but grows with removed ones: scale 0, call alone
+    falls = [20.0 - x + 0.5 * n for x, n in zip(sums, alive, strict=True)]
+    rest, scale, call = fit(sums, falls, alive)
+    assert scale == 0.0 and call > 0
+    assert (rest, call) == pytest.approx(fit_latency_model([0.0] * 4, alive, falls)[::2])
     with pytest.raises(ValueError, match="at least 2"):
-        fit_rest_and_scale([1.0], [2.0])
+        fit_latency_model([1.0], [1.0], [2.0])
+
+
+def test_a_table_whose_call_would_make_a_layer_cost_less_than_nothing_is_refused(resnet20):
+    _, table, _ = resnet20
+    doc = table.as_dict()
+    floor = -table.min_entry_ms * table.scale
+    assert LatencyTable.from_dict({**doc, "call_ms": floor}).call_ms == floor
+    with pytest.raises(LatencyTableError, match="call_ms"):
+        LatencyTable.from_dict({**doc, "call_ms": 1.5 * floor})
+    assert LatencyTable.from_dict({k: v for k, v in doc.items() if k != "call_ms"}).call_ms == 0
 
 
 def test_dense_widths_predict_the_measured_model_and_fraction_one(resnet20):

@@ -58,19 +58,38 @@ def calibration_widths(dense: Mapping[str, int], step: int, n_random: int,
     return out
 
 
-def fit_rest_and_scale(layer_sums: Sequence[float],
-                       measured: Sequence[float]) -> tuple[float, float]:
-    """Least squares of measured = rest + scale * layer_sum over whole models; scale held at
-    >= 0 (a time cannot fall as layers widen: at 0 the fit is the mean, and pruning is
-    predicted to buy nothing, which is then what the measurements say)."""
+def fit_latency_model(layer_sums: Sequence[float], alive_layers: Sequence[float],
+                      measured: Sequence[float], min_layer_ms: float = 0.0
+                      ) -> tuple[float, float, float]:
+    """(rest, scale, call): least squares of measured = rest + scale * layer_sum + call *
+    alive_layers over whole models, with scale >= 0 (a time cannot fall as layers widen: at
+    0 pruning is predicted to buy nothing but removed layers, which is then what the
+    measurements say) and call >= -scale * min_layer_ms (the smallest table entry: every
+    alive layer still adds a time >= 0, so the prediction stays monotone). A quadratic over
+    two linear constraints: its minimum is the unconstrained one or lies on a constraint or
+    both, so the feasible one of those four fits with the least squared error is it. A
+    regressor that does not vary (every model has all its layers) gets coefficient 0."""
     x = torch.tensor(layer_sums, dtype=torch.float64)
+    n = torch.tensor(alive_layers, dtype=torch.float64)
     y = torch.tensor(measured, dtype=torch.float64)
     if len(x) < 2:
         raise ValueError(f"a calibration needs at least 2 whole models, got {len(x)}")
-    xc = x - x.mean()
-    var = float((xc * xc).sum())
-    scale = max(0.0, float((xc * (y - y.mean())).sum()) / var) if var > 0 else 0.0
-    return float(y.mean()) - scale * float(x.mean()), scale
+
+    def fit(*columns: torch.Tensor) -> list[float]:  # [rest, coefficient per column]
+        varying = [bool((c - c.mean()).abs().max() > 1e-12 * max(1.0, float(c.abs().max())))
+                   for c in columns]
+        a = torch.stack([torch.ones_like(y), *(c for c, v in zip(columns, varying, strict=True) if v)], 1)
+        sol = iter(torch.linalg.lstsq(a, y.unsqueeze(1), driver="gelsd").solution[:, 0].tolist())
+        rest = next(sol)
+        return [rest, *(next(sol) if v else 0.0 for v in varying)]
+
+    rest, scale, call = fit(x, n)
+    rest_c, call_c = fit(n)
+    rest_s, scale_s = fit(x - min_layer_ms * n)
+    candidates = [(rest, scale, call), (rest_c, 0.0, call_c),
+                  (rest_s, scale_s, -scale_s * min_layer_ms), (float(y.mean()), 0.0, 0.0)]
+    feasible = [c for c in candidates if c[1] >= 0.0 and c[2] >= -c[1] * min_layer_ms - 1e-12]
+    return min(feasible, key=lambda c: float(((c[0] + c[1] * x + c[2] * n - y) ** 2).sum()))
 
 
 def profile_model(
@@ -91,9 +110,9 @@ def profile_model(
     model, whose predicted and measured times go to `meta["check"]`.
 
     With `calibration` > 0 the `calibration_widths` models (quarter and three-quarter widths
-    plus `calibration` random ones) are timed too, and rest and scale are fitted to them and
-    the dense model (`fit_rest_and_scale`; `meta["calibration"]`); the half-width check stays
-    held out. With 0, scale is 1 and rest closes the dense model's gap exactly. (A fit on the
+    plus `calibration` random ones) are timed too, and rest, scale and the per-layer call are
+    fitted to them and the dense model (`fit_latency_model`; `meta["calibration"]`); the half-width check stays
+    held out. With 0, scale is 1, call 0 and rest closes the dense model's gap exactly. (A fit on the
     dense and half models alone was tried before: two points, one of them the check.)
 
     Each point and both models are timed once per round, in the same order every round,
@@ -164,18 +183,21 @@ def profile_model(
     )
     groups = list(dense_w)
 
-    def layer_sum(widths: Mapping[str, int]) -> float:  # the layers' part, unscaled
-        return float(table.predict_ms(torch.tensor([widths[g] for g in groups]), groups)
-                     ) - table.rest_ms
+    def terms(widths: Mapping[str, int]) -> tuple[float, float]:  # unscaled layer sum, alive
+        values, alive = table.layer_terms(torch.tensor([widths[g] for g in groups]), groups)
+        return float((values * alive).sum()), float(alive.sum())
 
     if calib:
-        sums = [layer_sum(dense_w), *(layer_sum(w) for w in calib)]
+        sums, alive = zip(*(terms(w) for w in (dense_w, *calib)), strict=True)
         measured = [model_ms, *(min(whole[i]) for i in range(len(calib)))]
-        table.rest_ms, table.scale = fit_rest_and_scale(sums, measured)
-        fitted = [table.rest_ms + table.scale * x for x in sums]
+        table.rest_ms, table.scale, table.call_ms = fit_latency_model(
+            sums, alive, measured, table.min_entry_ms)
+        fitted = [table.rest_ms + table.scale * x + table.call_ms * n
+                  for x, n in zip(sums, alive, strict=True)]
         table.meta["calibration"] = {
-            "models": len(sums), "random_models": calibration, "layer_sum_ms": sums,
-            "measured_ms": measured, "rest_ms": table.rest_ms, "scale": table.scale,
+            "models": len(sums), "random_models": calibration, "layer_sum_ms": list(sums),
+            "alive_layers": list(alive), "measured_ms": measured, "rest_ms": table.rest_ms,
+            "scale": table.scale, "call_ms": table.call_ms,
             "max_fit_error": max(abs(f / m - 1.0) for f, m in zip(fitted, measured, strict=True)),
         }
     predicted = float(table.predict_ms(torch.tensor([half_w[g] for g in groups]), groups))

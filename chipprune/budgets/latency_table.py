@@ -22,17 +22,21 @@ branch is gone). Timings are made monotone (a running max along both axes), so a
 channel never makes the prediction faster and the budget thresholding stays a search on a
 monotone function.
 
-    predicted(w) = rest + scale * sum_l alive_l(w) * T_l(w_in(l), w_out(l))
+    predicted(w) = rest + sum_l alive_l(w) * (scale * T_l(w_in(l), w_out(l)) + call)
 
 T_l is the bilinear interpolation of layer l's table (linear extrapolation outside the
 grid, so soft widths below 1 keep a gradient); alive_l is the orphan-removal factor of the
 polynomial budgets (`budgets.Term.when`: 1 or 0 for integer widths, prod min(w, 1) for soft
-ones). Uncalibrated (scale 1), `rest` = the whole dense model's measured time minus the
-sum of its layers' entries: what is not per layer, taken as constant. Calibrated, `rest` and
-`scale` are fitted to whole models timed at several widths (least squares,
-`latency_profile.fit_rest_and_scale`): a layer timed alone pays what it does not pay inside
-the model (ONNX Runtime converts its input to a blocked layout and back, PyTorch's caches are
-cold), so the sum of the layers overstates every model, and by more the wider it is. A second
+ones). Uncalibrated (scale 1, call 0), `rest` = the whole dense model's measured time minus
+the sum of its layers' entries: what is not per layer, taken as constant. Calibrated, `rest`,
+`scale` and `call` are fitted to whole models timed at several widths, some with residual
+branches removed (least squares, `latency_profile.fit_latency_model`): a layer timed alone
+pays what it does not pay inside the model (ONNX Runtime converts its input to a blocked
+layout and back, PyTorch's caches are cold, each timed call has its own dispatch), so the sum
+of the layers overstates every model, by more the wider it is (`scale` < 1), and by a fixed
+amount per layer (`call` < 0); or a layer costs the model more than its own time, a dispatch
+or a layout change between layers that no single layer shows (`call` > 0), which is what a
+removed branch saves at batch 1 whatever its widths. A second
 whole model, every width about halved, is timed too and the table's prediction for it
 recorded (`meta["check"]`): the table's held-out error. The hard form (integer widths on the grid: `step` = `prune.round_to`) is an
 exact sum of table entries; the soft form is the same function of float tensors and equals
@@ -224,12 +228,25 @@ class LatencyTable:
     source: str = field(default="latency table", compare=False)  # the file, for messages
     _compiled: dict = field(default_factory=dict, repr=False, compare=False)
     scale: float = 1.0  # on the layers' sum; fitted to whole models when calibrated
+    call_ms: float = 0.0  # per alive layer, on top of its scaled entry; fitted likewise
 
     @property
     def dense_predicted_ms(self) -> float:
         """The prediction at the dense widths (every layer at its last grid point, alive):
         what latency fractions are fractions of. model_ms itself when uncalibrated."""
-        return self.rest_ms + self.scale * sum(lt.ms[-1][-1] for lt in self.layers)
+        return (self.rest_ms + self.scale * sum(lt.ms[-1][-1] for lt in self.layers)
+                + self.call_ms * len(self.layers))
+
+    @property
+    def min_entry_ms(self) -> float:
+        """The smallest time of an alive layer in the table (entries of 0 are removed ones)."""
+        return min((v for lt in self.layers for row in lt.ms for v in row if v > 0), default=0.0)
+
+    @property
+    def min_call_ms(self) -> float:
+        """The lowest `call_ms` that keeps the prediction monotone: every alive layer then
+        adds at least 0 (a branch that comes back never predicts a faster model)."""
+        return -self.scale * self.min_entry_ms
 
     # -- the latency model -------------------------------------------------------------
     def _compile(self, groups: Sequence[str], device, dtype) -> tuple[torch.Tensor, ...]:
@@ -289,10 +306,10 @@ class LatencyTable:
         self._compiled[key] = out
         return out
 
-    def predict_ms(self, widths: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:
-        """Predicted latency (ms) at `widths`, a (G,) tensor in `groups` order: float64 for
-        integer widths (the hard form), differentiable in the dtype of float widths (the
-        soft form)."""
+    def layer_terms(self, widths: torch.Tensor,
+                    groups: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per layer at `widths` (a (G,) tensor in `groups` order): its interpolated table
+        entry and its alive factor, two (L,) tensors in the widths' float dtype."""
         w = widths if widths.is_floating_point() else widths.to(torch.float64)
         gi, go, tab, last_i, last_o, in_slot, out_slot, in_scale, out_scale, when = self._compile(
             groups, w.device, w.dtype
@@ -300,8 +317,14 @@ class LatencyTable:
         ext = torch.cat([w, w.new_ones(1)])  # (G + 1,)
         x, y = ext[in_slot] * in_scale, ext[out_slot] * out_scale  # (L,) each
         values = _bilinear(gi, go, tab, last_i, last_o, x, y)
-        alive = ext.clamp(max=1.0)[when].prod(dim=1)
-        return self.rest_ms + self.scale * (values * alive).sum()
+        return values, ext.clamp(max=1.0)[when].prod(dim=1)
+
+    def predict_ms(self, widths: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:
+        """Predicted latency (ms) at `widths`, a (G,) tensor in `groups` order: float64 for
+        integer widths (the hard form), differentiable in the dtype of float widths (the
+        soft form)."""
+        values, alive = self.layer_terms(widths, groups)
+        return self.rest_ms + (alive * (self.scale * values + self.call_ms)).sum()
 
     # -- checks and files ----------------------------------------------------------------
     def check_model(self, model: PrunableNet, input_size: tuple[int, int, int]) -> None:
@@ -337,7 +360,7 @@ class LatencyTable:
     def as_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT, "meta": self.meta, "model_ms": self.model_ms,
-            "rest_ms": self.rest_ms, "scale": self.scale,
+            "rest_ms": self.rest_ms, "scale": self.scale, "call_ms": self.call_ms,
             "layers": [{**{k: v for k, v in asdict(lt).items() if k != "op"},
                         "op": asdict(lt.op)} for lt in self.layers],
         }  # fmt: skip
@@ -378,8 +401,13 @@ class LatencyTable:
             scale = float(d.get("scale", 1.0))  # tables made before calibration: 1
             if not scale >= 0.0:
                 raise ValueError(f"scale {scale} is not >= 0")
-            return cls(tuple(layers), float(d["model_ms"]), float(d["rest_ms"]), dict(d["meta"]),
-                       source, scale=scale)
+            table = cls(tuple(layers), float(d["model_ms"]), float(d["rest_ms"]),
+                        dict(d["meta"]), source, scale=scale,
+                        call_ms=float(d.get("call_ms", 0.0)))  # older tables: 0
+            if not table.call_ms >= table.min_call_ms - 1e-12:
+                raise ValueError(f"call_ms {table.call_ms} is below {table.min_call_ms} "
+                                 "(a layer would cost less than nothing)")
+            return table
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise LatencyTableError(f"{source}: not a latency table ({e})") from None
 
