@@ -130,12 +130,12 @@ def _check_builds(arch: str, kwargs_json: str) -> None:
     imported, returns no module or cannot be traced is a params error before any stage runs."""
     import torch
 
-    from chipprune.models import create_model
+    from chipprune.models import create_model, weights_uninitialised
     from chipprune.models.traced import ArchError, TraceError
 
     kwargs = json.loads(kwargs_json)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), weights_uninitialised():  # built to be checked, not run
             create_model(arch, **kwargs)
     except (ArchError, TraceError) as e:
         raise ValueError(str(e)) from None
@@ -538,9 +538,10 @@ class Params(Strict):
 
 def _check_rates_fit(name: str, rc: RateConfig, model: ModelConfig) -> None:
     """The rates must match the model's layout (its number of prunable layers)."""
-    from chipprune.models import create_model  # imported here: it loads torch
+    from chipprune.models import create_model, weights_uninitialised  # they load torch
 
-    spec = create_model(model.arch, **model.kwargs).describe()
+    with weights_uninitialised():  # only its description is read
+        spec = create_model(model.arch, **model.kwargs).describe()
     try:
         rates_to_widths(spec, rc.rates, model.arch)
     except ValueError as e:

@@ -25,11 +25,11 @@ from chipprune.budgets.counting import measure_cost
 from chipprune.budgets.latency import latency_metrics
 from chipprune.config import EvaluateConfig, load_params
 from chipprune.data.artifact import load_meta
-from chipprune.models import create_model
 from chipprune.reporting import tracking
 from chipprune.reporting.records import CHECKPOINT_TAG, checkpoint_labels, run_tags
 from chipprune.training.checkpoint import (
     dense_kwargs,
+    dense_model,
     is_pruned,
     load_checkpoint,
     model_from_checkpoint,
@@ -50,12 +50,12 @@ def evaluate_checkpoint(run: EvaluatedRun, test: DeviceData, meta: dict[str, Any
 
     acc = evaluate(model, test, cfg.batch_size)
     cost = measure_cost(model, shape)
-    dense_model = create_model(ckpt["model_name"], **dense_kwargs(ckpt))
-    dense_cost = measure_cost(dense_model, shape)
+    dense = dense_model(ckpt)
+    dense_cost = measure_cost(dense, shape)
     # both memory formats; latency_ms_bs<N> is the faster, speedup_bs<N> against the dense
     # architecture timed here too (a dense checkpoint is its own reference: 1.0)
     pruned = is_pruned(ckpt)
-    reference = dense_model.to(device) if pruned and cfg.latency.dense_reference else None
+    reference = dense.to(device) if pruned and cfg.latency.dense_reference else None
     latency, formats = latency_metrics(model, shape, cfg.latency.batch_sizes, device,
                                        cfg.latency.warmup, cfg.latency.repeats, reference,
                                        rounds=cfg.latency.rounds)

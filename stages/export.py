@@ -39,11 +39,11 @@ from chipprune.deploy.onnx_export import (
     normalisation_metadata,
     parity,
 )
-from chipprune.models import create_model
 from chipprune.reporting import tracking
 from chipprune.reporting.records import CHECKPOINT_TAG, checkpoint_labels, record_labels
 from chipprune.training.checkpoint import (
     dense_kwargs,
+    dense_model,
     is_pruned,
     load_checkpoint,
     model_from_checkpoint,
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{check.images} test images; export.tolerance allows "
                     f"{cfg.tolerance:g} x max(1, largest |logit|)")
             # the dense architecture (its weights do not change its time), exported once
-            dense = create_model(ckpt["model_name"], **dense_kwargs(ckpt)).eval()
+            dense = dense_model(ckpt).cpu()  # evaluate, in this process, may have moved it
             pruned = is_pruned(ckpt)
             reference = None
             if pruned and lat.dense_reference:  # as evaluate; else the report divides rows

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from chipprune.atomic import atomic_path, write_json, write_text
-from chipprune.models import create_model
+from chipprune.models import create_model, weights_uninitialised
 from chipprune.reporting import tracking
 from chipprune.reporting.plots import kept_channels_figure, save_png
 from chipprune.reporting.records import export_fields
@@ -43,7 +43,8 @@ def kept_per_layer(checkpoint: str) -> dict[str, int]:
     """Conv name -> kept channels, from the evaluated checkpoint's widths."""
     ckpt = load_checkpoint(checkpoint)
     widths = ckpt["model_kwargs"].get("widths", {})
-    spec = create_model(ckpt["model_name"], **dense_kwargs(ckpt)).describe()
+    with weights_uninitialised():  # only its description is read
+        spec = create_model(ckpt["model_name"], **dense_kwargs(ckpt)).describe()
     removed = {  # convs of residual branches removed as a whole (orphan removal)
         conv for br in spec.branches if any(widths.get(g) == 0 for g in br.groups)
         for conv in br.convs

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from chipprune.models import create_model
+from chipprune.models import create_model, weights_uninitialised
 from chipprune.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -27,6 +27,29 @@ def test_round_trip_rebuilds_model_from_file_alone(tmp_path):
     x = torch.randn(2, 1, 16, 16)
     assert torch.equal(model(x), rebuilt(x))
     assert ckpt["config"] == {"a": {"b": 1}}
+
+
+def test_rebuilding_skips_the_random_fill_and_the_initialisers_come_back(tmp_path):
+    """The rebuilt model's every weight is the file's (strict load), so it is not
+    random-filled first: the global RNG is not drawn from. The initialisers are torch's
+    again after the block, after an error too."""
+    kwargs = {"num_classes": 10, "in_channels": 3}
+    model = create_model("vgg16_bn", **kwargs)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(make_checkpoint(model, "vgg16_bn", kwargs), path)
+    ckpt = load_checkpoint(path)
+    before = torch.get_rng_state()
+    rebuilt = model_from_checkpoint(ckpt)
+    assert torch.equal(torch.get_rng_state(), before)
+    want = model.state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in rebuilt.state_dict().items())
+    create_model("vgg16_bn", **kwargs)  # outside: drawn from, as ever
+    assert not torch.equal(torch.get_rng_state(), before)
+    original = torch.nn.init.kaiming_normal_
+    with pytest.raises(RuntimeError, match="inside"), weights_uninitialised():
+        assert torch.nn.init.kaiming_normal_ is not original
+        raise RuntimeError("inside")
+    assert torch.nn.init.kaiming_normal_ is original
 
 
 class RunsCode:

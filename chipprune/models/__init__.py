@@ -2,7 +2,7 @@
 
 from . import mobilenetv2, preresnet, resnet, resnet_cifar, vgg, wrn  # noqa: F401  (registers)
 from .base import ChannelMapShortcut, ChannelSelect, PrunableNet
-from .registry import create_model, list_models, register_model
+from .registry import create_model, list_models, register_model, weights_uninitialised
 from .spec import Branch, ChannelMap, FixedConv, ModelSpec, PrunableConv
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "create_model",
     "list_models",
     "register_model",
+    "weights_uninitialised",
 ]

@@ -4,6 +4,8 @@ carries the model name and kwargs (widths included): the model is rebuilt from i
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 
 from chipprune import atomic
-from chipprune.models import PrunableNet, create_model
+from chipprune.models import PrunableNet, create_model, weights_uninitialised
 from chipprune.surgery.masks import PRUNED_KWARGS
 
 FORMAT = "chipprune.checkpoint/1"
@@ -65,10 +67,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>") -> nn.Module:
-    """Rebuild the (possibly pruned) model from the checkpoint alone and load its weights."""
-    model = create_model(ckpt["model_name"], **ckpt["model_kwargs"])
+    """Rebuild the (possibly pruned) model from the checkpoint alone and load its weights
+    (every one: strict, so the random fill a new model would get is skipped)."""
+    with weights_uninitialised():
+        model = create_model(ckpt["model_name"], **ckpt["model_kwargs"])
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit {ckpt['model_name']}: {e}") from e
     return model
@@ -82,6 +86,19 @@ def is_pruned(ckpt: dict[str, Any]) -> bool:
 def dense_kwargs(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The model kwargs of the checkpoint's dense architecture: the pruned widths dropped."""
     return {k: v for k, v in ckpt["model_kwargs"].items() if k not in PRUNED_KWARGS}
+
+
+def dense_model(ckpt: dict[str, Any]) -> nn.Module:
+    """The checkpoint's dense architecture with random weights (what its cost and speed are
+    fractions of; neither depends on the weights), built once per architecture in this
+    process: a stage evaluating every pruned model of a grid builds each dense one once.
+    Callers may move it or change its memory format, not its weights."""
+    return _dense_model(ckpt["model_name"], json.dumps(dense_kwargs(ckpt), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _dense_model(name: str, kwargs_json: str) -> nn.Module:
+    return create_model(name, **json.loads(kwargs_json)).eval()
 
 
 def load_pretrained(model: PrunableNet, path: str | Path) -> dict[str, Any]:
