@@ -43,18 +43,24 @@ def check_widths(dense: Mapping[str, int], step: int) -> dict[str, int]:
 
 
 def calibration_widths(dense: Mapping[str, int], step: int, n_random: int,
-                       vanishing: frozenset[str] = frozenset(),
+                       branches: Sequence[Sequence[str]] = (),
                        seed: int = 0) -> list[dict[str, int]]:
     """The whole models a table is calibrated on, besides the dense one: every group at the
     grid point nearest a quarter and three quarters of its width, and `n_random` models of
-    independent random grid widths per group (seeded), where a group in `vanishing` (of a
-    removable residual branch) may draw 0 too: uniform and uneven prunings, with and without
-    removed branches, as masks make them (at batch 1 a removed branch saves per-module
-    overhead a width never shows)."""
+    independent random grid widths per group (seeded), where a group of a removable residual
+    branch (`branches`: each one's groups) may draw 0 too: uniform and uneven prunings, with
+    and without removed branches, as masks make them (at batch 1 a removed branch saves
+    per-module overhead a width never shows). With branches, one more: every other branch
+    removed, the rest dense, so the fit tells a layer's call from its width (the quarter
+    model narrows every layer and removes none)."""
     rng = random.Random(seed)
+    vanishing = {g for br in branches for g in br}
     out = [{g: _nearest(d, step, f) for g, d in dense.items()} for f in (0.25, 0.75)]
     out += [{g: rng.choice(width_grid(d, step, g in vanishing)) for g, d in dense.items()}
             for _ in range(n_random)]
+    if branches:
+        gone = {g for br in branches[1::2] for g in br}
+        out.append({g: 0 if g in gone else d for g, d in dense.items()})
     return out
 
 
@@ -75,14 +81,19 @@ def fit_latency_model(layer_sums: Sequence[float], alive_layers: Sequence[float]
     if len(x) < 2:
         raise ValueError(f"a calibration needs at least 2 whole models, got {len(x)}")
 
+    def varies(c: torch.Tensor) -> bool:
+        return bool((c - c.mean()).abs().max() > 1e-12 * max(1.0, float(c.abs().max())))
+
     def fit(*columns: torch.Tensor) -> list[float]:  # [rest, coefficient per column]
-        varying = [bool((c - c.mean()).abs().max() > 1e-12 * max(1.0, float(c.abs().max())))
-                   for c in columns]
+        varying = [varies(c) for c in columns]
         a = torch.stack([torch.ones_like(y), *(c for c, v in zip(columns, varying, strict=True) if v)], 1)
         sol = iter(torch.linalg.lstsq(a, y.unsqueeze(1), driver="gelsd").solution[:, 0].tolist())
         rest = next(sol)
         return [rest, *(next(sol) if v else 0.0 for v in varying)]
 
+    if not varies(n):  # a call per layer is then indistinguishable from rest: 0
+        rest, scale = fit(x)
+        return (rest, scale, 0.0) if scale >= 0.0 else (float(y.mean()), 0.0, 0.0)
     rest, scale, call = fit(x, n)
     rest_c, call_c = fit(n)
     rest_s, scale_s = fit(x - min_layer_ms * n)
@@ -138,7 +149,7 @@ def profile_model(
         }
     dense_w = spec.widths()
     half_w = check_widths(dense_w, step)
-    calib = calibration_widths(dense_w, step, calibration, frozenset(vanishing)) \
+    calib = calibration_widths(dense_w, step, calibration, [br.groups for br in spec.branches]) \
         if calibration > 0 else []
     whole: dict[str, list[float]] = {"dense": [], "half": [], **{i: [] for i in range(len(calib))}}
     for _ in range(rounds):
