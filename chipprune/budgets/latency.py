@@ -43,11 +43,13 @@ MIN_MS = 10.0
 MAX_RUNS = 2000
 
 
-def median_ms(run: Callable[[], object], warmup: int, repeats: int, min_ms: float = MIN_MS,
-              sync: Callable[[], object] = lambda: None) -> float:
+def median_ms(run: Callable[[], object], warmup: int, repeats: int,
+              min_ms: float | None = None, sync: Callable[[], object] = lambda: None) -> float:
     """Median wall time in ms of `run()` (then `sync()`): after `warmup` runs, and with any
-    warm-up at all at least `min_ms` of it, at least `repeats` timed runs and `min_ms` of
-    them (at most MAX_RUNS each)."""
+    warm-up at all at least `min_ms` (None: MIN_MS) of it, at least `repeats` timed runs and
+    `min_ms` of them (at most MAX_RUNS each). Every timer passes its `min_ms` through to here."""
+    min_ms = MIN_MS if min_ms is None else min_ms
+
     def timed(count: int, at_least_ms: float) -> list[float]:
         times: list[float] = []
         while len(times) < count or (sum(times) < at_least_ms and len(times) < MAX_RUNS):
@@ -75,7 +77,7 @@ def median_latency_ms(
     repeats: int = 20,
     memory_format: str = "nchw",
     dtype: torch.dtype = torch.float32,
-    min_ms: float = MIN_MS,
+    min_ms: float | None = None,
 ) -> float:
     """Median wall time in ms of one forward pass of a (batch_size, *input_shape) batch
     (`median_ms`).

@@ -86,7 +86,8 @@ def fit_latency_model(layer_sums: Sequence[float], alive_layers: Sequence[float]
 
     def fit(*columns: torch.Tensor) -> list[float]:  # [rest, coefficient per column]
         varying = [varies(c) for c in columns]
-        a = torch.stack([torch.ones_like(y), *(c for c, v in zip(columns, varying, strict=True) if v)], 1)
+        kept = [c for c, v in zip(columns, varying, strict=True) if v]
+        a = torch.stack([torch.ones_like(y), *kept], 1)
         sol = iter(torch.linalg.lstsq(a, y.unsqueeze(1), driver="gelsd").solution[:, 0].tolist())
         rest = next(sol)
         return [rest, *(next(sol) if v else 0.0 for v in varying)]
@@ -121,10 +122,11 @@ def profile_model(
     model, whose predicted and measured times go to `meta["check"]`.
 
     With `calibration` > 0 the `calibration_widths` models (quarter and three-quarter widths
-    plus `calibration` random ones) are timed too, and rest, scale and the per-layer call are
-    fitted to them and the dense model (`fit_latency_model`; `meta["calibration"]`); the half-width check stays
-    held out. With 0, scale is 1, call 0 and rest closes the dense model's gap exactly. (A fit on the
-    dense and half models alone was tried before: two points, one of them the check.)
+    plus `calibration` random ones and, with removable branches, one with every other branch
+    gone) are timed too, and rest, scale and the per-layer call are fitted to them and the
+    dense model (`fit_latency_model`; `meta["calibration"]`); the half-width check stays held
+    out. With 0, scale is 1, call 0 and rest closes the dense model's gap exactly. (A fit on
+    the dense and half models alone was tried before: two points, one of them the check.)
 
     Each point and both models are timed once per round, in the same order every round,
     and the fastest round is kept (each round's figure is itself a median of repeats): load
@@ -236,11 +238,9 @@ class TorchTimer:
         dtype: torch.dtype = torch.float32,
         min_ms: float | None = None,
     ):
-        from chipprune.budgets.latency import MIN_MS
-
         self.device, self.memory_format = device, memory_format
         self.warmup, self.repeats, self.dtype = warmup, repeats, dtype
-        self.min_ms = MIN_MS if min_ms is None else min_ms
+        self.min_ms = min_ms  # None: budgets.latency.MIN_MS
         self._modules: dict[tuple, nn.Module] = {}
 
     def _time(self, cache: dict, key: tuple, build: Callable[[], nn.Module],

@@ -43,10 +43,9 @@ def median_run_ms(sess, feeds: dict[str, np.ndarray], warmup: int, repeats: int,
                   min_ms: float | None = None) -> float:
     """Median wall time in ms of `sess.run` on `feeds` (`chipprune.budgets.latency.median_ms`:
     sub-millisecond runs are repeated for `min_ms`, by default MIN_MS)."""
-    from chipprune.budgets.latency import MIN_MS, median_ms
+    from chipprune.budgets.latency import median_ms
 
-    return median_ms(lambda: sess.run(None, feeds), warmup, repeats,
-                     MIN_MS if min_ms is None else min_ms)
+    return median_ms(lambda: sess.run(None, feeds), warmup, repeats, min_ms)
 
 
 def latency_metrics(sess, input_shape: tuple[int, int, int], batch_sizes: list[int],
