@@ -50,7 +50,7 @@ from chipprune.budgets.rates import rates_to_widths
 from chipprune.budgets.thresholding import keep_at_budget
 from chipprune.deploy import ort_runtime
 from chipprune.deploy.onnx_export import export_onnx
-from chipprune.deploy.ort_latency import OrtTimer
+from chipprune.deploy.ort_latency import OrtTimer, nchwc_block
 from chipprune.methods.baselines import l1_scores, random_scores
 from chipprune.models import create_model
 from chipprune.surgery.rebuild import prune_model
@@ -226,7 +226,8 @@ def speed_table(args, device, dtype) -> None:
 
 
 def latency_check(args, device, dtype) -> None:
-    print("\nlatency budget 0.5 (round_to 8): the table's prediction against measurement")
+    print("\nlatency budget 0.5 (round_to 8; in ONNX Runtime the table's step and round_to are its"
+          " conv channel block where wider):\nthe table's prediction against measurement")
     print(
         f"{'model':<26}{'bs':>5}{'fmt':>6}{'scores':>8}{'MACs':>7}{'pred':>8}{'meas':>8}"
         f"{'err':>8}{'pred ms':>10}{'meas ms':>10}{'dense/2':>10}{'table s':>9}"
@@ -248,6 +249,10 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
     def build(w, name=name, kw=kw):
         return create_model(name, widths=w, **kw)
 
+    round_to = 8
+    if runtime == "onnxruntime":  # widths cost what the next whole block costs
+        block = nchwc_block("cuda" if device.type == "cuda" else "cpu")
+        step, round_to = max(step, block), max(round_to, block)
     for bs in args.batch_sizes:
         if runtime == "onnxruntime":
             fmt = "ort"
@@ -279,7 +284,7 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
             ("random", random_scores(bm.dense_widths, 0)),
             ("l1", l1_scores(dense)),
         ):
-            r = keep_at_budget(scores, bm, "latency", 0.5, round_to=8)
+            r = keep_at_budget(scores, bm, "latency", 0.5, round_to=round_to)
             kept = {g: k.nonzero().flatten().tolist() for g, k in r.keep.items()}
             pruned, _ = prune_model(dense, name, kw, kept)
             bench.add(label, pruned, shape)
@@ -299,8 +304,8 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
         print(
             f"{'':<26}table ({runtime}): dense {table.model_ms:.3f} ms, rest "
             f"{table.rest_ms:.3f} ms, scale {table.scale:.3f}, call {table.call_ms:+.4f} ms, "
-            f"{table.meta['timings']} "
-            f"timings; its half-width check {check['error']:+.1%}", flush=True,
+            f"{table.meta['timings']} timings (step {step}, round_to {round_to}); "
+            f"its half-width check {check['error']:+.1%}", flush=True,
         )
 
 

@@ -114,6 +114,18 @@ def test_width_grid():
     assert width_grid(4, 1) == (1, 2, 3, 4)
 
 
+def test_whole_models_keep_off_one_channel_widths():
+    """The check and calibration models take grid points above 1 where a group has one: a
+    quarter of 16 on a step-8 grid is 8, not 1 (nearer 4, but a corner no pruning with
+    round_to > 1 reaches); a one-channel group stays at 1."""
+    dense = {"a": 16, "b": 64, "c": 1, "d": 3}
+    quarter, three_quarters = calibration_widths(dense, 8, 0)
+    assert quarter == {"a": 8, "b": 16, "c": 1, "d": 3}
+    assert three_quarters == {"a": 16, "b": 48, "c": 1, "d": 3}
+    assert check_widths(dense, 8) == {"a": 8, "b": 32, "c": 1, "d": 3}
+    assert check_widths({"a": 16}, 16) == {"a": 16}
+
+
 def test_table_holds_the_timer_at_grid_points_and_equal_ops_are_timed_once(resnet20):
     model, table, _ = resnet20
     lt = {x.conv: x for x in table.layers}

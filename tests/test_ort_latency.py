@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from chipprune.budgets.exact import BudgetModel
 from chipprune.budgets.latency_table import _layer_plan, load_table
 from chipprune.deploy import ort_runtime
-from chipprune.deploy.ort_latency import OrtTimer, layer_feeds, layer_graph
+from chipprune.deploy.ort_latency import OrtTimer, layer_feeds, layer_graph, nchwc_block
 from chipprune.models import create_model
 from stages import profile_latency
 from stages._common import run_main
@@ -65,13 +65,22 @@ def test_ort_timer_times_layers_and_whole_models():
     assert run(half) > 0 and len(timer._graphs) == 2
 
 
-def test_profile_latency_stage_in_onnxruntime(tmp_path, mlflow_store):
+def test_the_channel_block_is_read_off_the_graph_onnx_runtime_makes():
+    """A conv's output is padded to a whole block in the blocked layout; a model whose
+    widths are not multiples of it pays for the padding (see the profile stage's note)."""
+    block = nchwc_block()
+    assert block in (0, 4, 8, 16)  # MLAS: AVX-512 16, AVX2 8, SSE 4; 0: not blocked
+    if block:
+        assert nchwc_block("cuda") in (0, block)  # CUDA (where present) does not block
+
+
+def test_profile_latency_stage_in_onnxruntime(tmp_path, mlflow_store, capsys):
     from chipprune.data import prepare_dataset, save_prepared
     from tests.conftest import REPO
 
     save_prepared(prepare_dataset("digits", image_size=16), tmp_path / "data")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["latency_budget"] = {**TINY, "runtime": "onnxruntime", "calibration": 0}
+    params["latency_budget"] = {**TINY, "runtime": "onnxruntime", "calibration": 0, "step": 12}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "runs/latency/onnxruntime-cpu-bs2-digits-resnet20"
     rc = run_main(profile_latency.main, ["digits", "resnet20", str(tmp_path / "data"), str(out),
@@ -80,6 +89,10 @@ def test_profile_latency_stage_in_onnxruntime(tmp_path, mlflow_store):
     table = load_table(out / "table.json")
     assert table.meta["runtime"] == "onnxruntime" and table.meta["memory_format"] == "onnx"
     assert table.meta["onnxruntime"] and "calibration" not in table.meta  # tested in torch
+    block = nchwc_block()
+    assert table.meta["channel_block"] == block
+    note = "latency_budget.step 12 and prune.round_to 1 the budget pays for channels"
+    assert (note in capsys.readouterr().out) == bool(block)
     assert table.scale == 1.0 and all(lt.ms[-1][-1] > 0 for lt in table.layers)
     model = create_model("resnet20", num_classes=10, in_channels=1, shortcut="A")
     bm = BudgetModel.from_model(model, (1, 16, 16), latency=table)

@@ -24,6 +24,7 @@ from chipprune.deploy import ort_runtime
 from chipprune.deploy.onnx_export import OPSET, export_onnx
 
 IR_VERSION = 10  # what onnxruntime 1.2x reads; the exporter writes the same for opset 18
+NCHWC = "com.microsoft.nchwc"  # ONNX Runtime's blocked-layout ops (its CPU provider's)
 
 
 def layer_graph(op: ConvOp, n_in: int, n_out: int, seed: int = 0):
@@ -72,6 +73,24 @@ def layer_graph(op: ConvOp, n_in: int, n_out: int, seed: int = 0):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = IR_VERSION
     return model
+
+
+def nchwc_block(device: str = "cpu") -> int:
+    """The channel block of ONNX Runtime's blocked conv layout on `device` (16 with
+    AVX-512, 8 with AVX2), read off the graph it makes of an 8-channel conv, whose output it
+    pads to a whole block; 0 where it does not block convs (CUDA, other CPUs). A conv's
+    widths cost what the next multiple of the block costs."""
+    from onnx import load, numpy_helper
+
+    op = ConvOp((1, 1), (1, 1), (0, 0), (1, 1), False, (4, 4), bn_relu=False)
+    with tempfile.TemporaryDirectory(prefix="chipprune-ort-") as tmp:
+        out = Path(tmp) / "optimised.onnx"
+        ort_runtime.session(layer_graph(op, 8, 8).SerializeToString(), device,
+                            optimized_model_filepath=str(out))
+        graph = load(str(out)).graph
+    weights = {t.name: numpy_helper.to_array(t).shape for t in graph.initializer}
+    return next((int(weights[n.input[1]][0]) for n in graph.node
+                 if n.domain == NCHWC and n.op_type == "Conv"), 0)
 
 
 def layer_feeds(op: ConvOp, n_in: int, n_out: int, batch_size: int) -> dict[str, np.ndarray]:

@@ -19,13 +19,17 @@ def providers_for(device: str) -> list[str]:
     return list(PROVIDERS if device == "cuda" else PROVIDERS[1:])
 
 
-def session(model: str | Path | bytes, device: str = "cpu"):
+def session(model: str | Path | bytes, device: str = "cpu", optimized_model_filepath: str = ""):
     """An InferenceSession of an ONNX file (or its serialised bytes) on `device`: CUDA
-    where asked and available, else the CPU."""
+    where asked and available, else the CPU; with `optimized_model_filepath`, the graph it
+    runs is written there (ONNX Runtime warns that it is for this machine only)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_model_filepath:
+        opts.optimized_model_filepath = optimized_model_filepath
+        opts.log_severity_level = 3  # the warning above, on every call
     providers = [p for p in providers_for(device) if p in ort.get_available_providers()]
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, sess_options=opts, providers=providers)
