@@ -52,6 +52,13 @@ def _kwargs(builder: str) -> dict:
 _CACHE: dict[str, nn.Module] = {}
 
 
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def builder(request) -> str:
+    """A family, as a module-scoped parameter: pytest then runs every test of one family
+    before the next family's, so `dense` builds each model once, not once per test."""
+    return request.param
+
+
 def dense(builder: str) -> nn.Module:
     """The family's model at random weights, with non-trivial BN statistics (a wrongly
     sliced BN shows in the outputs), eval mode; built once per test process."""
@@ -104,7 +111,6 @@ def flop_counter_macs(model: nn.Module, side: int) -> int:
     return total // 2 + bias_adds
 
 
-@pytest.mark.parametrize("builder", FAMILIES)
 def test_surgery_counting_and_checkpoint(builder, tmp_path):
     """Pruned = masked (eval, random BN), the count of the pruned model equals the budget
     polynomial and torch.utils.flop_counter, and the checkpoint rebuilds it (weights_only)."""
@@ -143,7 +149,6 @@ def test_surgery_counting_and_checkpoint(builder, tmp_path):
         assert torch.equal(rebuilt(x), out)
 
 
-@pytest.mark.parametrize("builder", FAMILIES)
 def test_budgets_met_by_surgery(builder):
     """channel, params and flops at 0.5 and 0.25: thresholding random scores meets each in
     [target, target + 0.01], as the pruned model counts it; where a target is below what
@@ -172,7 +177,6 @@ def test_budgets_met_by_surgery(builder):
                 assert counted == pytest.approx(floor, abs=1e-12), (kind, target, floor)
 
 
-@pytest.mark.parametrize("builder", FAMILIES)
 def test_chip_scores_and_chipnet_moves_every_group(builder):
     model, side = dense(builder), FAMILIES[builder]
     spec = model.describe()
