@@ -185,7 +185,8 @@ def test_calibration_fits_rest_scale_and_call_to_whole_models_and_holds_out_the_
     branches = [br.groups for br in model.describe().branches]
     calib = calibration_widths(dense, 8, 4, branches)
     vanishing = {g for br in branches for g in br}
-    assert any(w[g] == 0 for w in calib[2:6] for g in vanishing)  # some branches removed
+    assert any(w[g] == 0 for w in calib[2:6:2] for g in vanishing)  # some branches removed
+    assert all(w[g] > 0 for w in calib[3:6:2] for g in vanishing)  # every other one: none
     assert timed == [dense, check_widths(dense, 8), *calib]  # one round, in this order
     assert len(calib) == 7 and calib[0]["layer3"] == 16 and calib[1]["layer3"] == 48
     # the last: every other branch gone, the rest dense

@@ -50,17 +50,20 @@ def calibration_widths(dense: Mapping[str, int], step: int, n_random: int,
                        seed: int = 0) -> list[dict[str, int]]:
     """The whole models a table is calibrated on, besides the dense one: every group at the
     grid point nearest a quarter and three quarters of its width, and `n_random` models of
-    independent random grid widths per group (seeded), where a group of a removable residual
-    branch (`branches`: each one's groups) may draw 0 too: uniform and uneven prunings, with
-    and without removed branches, as masks make them (at batch 1 a removed branch saves
-    per-module overhead a width never shows). With branches, one more: every other branch
+    independent random grid widths per group (seeded), where in every other one (the 1st,
+    3rd, ...) a group of a removable residual branch (`branches`: each one's groups) may draw
+    0 too: uniform and uneven prunings, with and without removed branches, as masks make them
+    (at batch 1 a removed branch saves per-module overhead a width never shows). Half of them
+    keep every layer, so the fit sees widths move with the layer count fixed: with removals
+    in all four, ResNet-56's scale at batch 1 came out anywhere from 0.25 to 1.02 between
+    runs, its call taking the rest. With branches, one more: every other branch
     removed, the rest dense, so the fit tells a layer's call from its width (the quarter
     model narrows every layer and removes none)."""
     rng = random.Random(seed)
     vanishing = {g for br in branches for g in br}
     out = [{g: _nearest(d, step, f) for g, d in dense.items()} for f in (0.25, 0.75)]
-    out += [{g: rng.choice(width_grid(d, step, g in vanishing)) for g, d in dense.items()}
-            for _ in range(n_random)]
+    out += [{g: rng.choice(width_grid(d, step, g in vanishing and i % 2 == 0))
+             for g, d in dense.items()} for i in range(n_random)]
     if branches:
         gone = {g for br in branches[1::2] for g in br}
         out.append({g: 0 if g in gone else d for g, d in dense.items()})
