@@ -77,15 +77,15 @@ def layer_graph(op: ConvOp, n_in: int, n_out: int, seed: int = 0):
 
 def nchwc_block(device: str = "cpu") -> int:
     """The channel block of ONNX Runtime's blocked conv layout on `device` (16 with
-    AVX-512, 8 with AVX2), read off the graph it makes of an 8-channel conv, whose output it
-    pads to a whole block; 0 where it does not block convs (CUDA, other CPUs). A conv's
-    widths cost what the next multiple of the block costs."""
+    AVX-512, 8 with AVX2), read off the graph it makes of a conv with one output channel,
+    which it pads to a whole block; 0 where it does not block convs (CUDA, other CPUs). A
+    conv's widths cost what the next multiple of the block costs."""
     from onnx import load, numpy_helper
 
     op = ConvOp((1, 1), (1, 1), (0, 0), (1, 1), False, (4, 4), bn_relu=False)
     with tempfile.TemporaryDirectory(prefix="chipprune-ort-") as tmp:
         out = Path(tmp) / "optimised.onnx"
-        ort_runtime.session(layer_graph(op, 8, 8).SerializeToString(), device,
+        ort_runtime.session(layer_graph(op, 8, 1).SerializeToString(), device,
                             optimized_model_filepath=str(out))
         graph = load(str(out)).graph
     weights = {t.name: numpy_helper.to_array(t).shape for t in graph.initializer}
