@@ -250,13 +250,14 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
         return create_model(name, widths=w, **kw)
 
     round_to = 8
+    ort_device = "cuda" if device.type == "cuda" else "cpu"
     if runtime == "onnxruntime":  # widths cost what the next whole block costs
-        block = nchwc_block("cuda" if device.type == "cuda" else "cpu")
+        block = nchwc_block(ort_device)
         step, round_to = max(step, block), max(round_to, block)
     for bs in args.batch_sizes:
         if runtime == "onnxruntime":
             fmt = "ort"
-            timer = OrtTimer("cuda" if device.type == "cuda" else "cpu", 3, args.repeats)
+            timer = OrtTimer(ort_device, 3, args.repeats)
             bench = OrtBench(device, args.repeats)
         else:
             probe = Bench(device, dtype, args.repeats)

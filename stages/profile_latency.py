@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             block = nchwc_block(cfg.device)
             unaligned = [f"{key} {v}" for key, v in (("latency_budget.step", cfg.step),
                                                      ("prune.round_to", grid.round_to))
-                         if block and v % block]
+                         if v % max(block, 1)]  # block 0: convs not blocked, all aligned
             if unaligned:  # measured: ResNet-56 at 24-wide groups ran as at 32
                 print(f"{name}: note: ONNX Runtime computes convs here in blocks of {block} "
                       f"channels, a width costs what the next multiple of {block} does; with "
