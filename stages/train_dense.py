@@ -10,8 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from chipprune.atomic import write_text
 from chipprune.config import ConfigError, load_params
 from chipprune.data.artifact import load_meta
@@ -97,9 +95,9 @@ def main(argv: list[str] | None = None) -> None:
         save_checkpoint(ckpt, out / "checkpoint.pt")
         write_text(out / "history.csv", history_csv(result.history))
         mlflow.log_artifact(str(out / "history.csv"))
+        # the checkpoint as an artifact; the model itself reaches MLflow as the export
+        # stage's registered ONNX model (chipprune.deploy.registry), as every pruned one does
         mlflow.log_artifact(str(out / "checkpoint.pt"))
-        example = torch.zeros(1, *meta["image_shape"]).numpy()
-        tracking.log_model(model.cpu().eval(), example)
     resume.clear()
     print(f"{name}: val top1 {final['val_top1']:.4f}", flush=True)
 

@@ -151,17 +151,3 @@ def log_history(history: list[dict[str, float]]) -> None:
     for row in history:
         step = int(row["epoch"])
         mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
-
-
-def log_model(model: Any, example: Any) -> None:
-    """The model as an MLflow pytorch flavour, with explicit pip requirements: inferring them
-    costs seconds per call."""
-    import mlflow.pytorch
-    import torch
-
-    mlflow.pytorch.log_model(
-        model,
-        name="model",
-        input_example=example,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-    )
