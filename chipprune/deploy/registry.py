@@ -68,16 +68,15 @@ def log_registered_onnx(onnx_path: str | Path, example: np.ndarray, num_classes:
     import onnx
 
     info = mlflow.onnx.log_model(
-        onnx.load(str(onnx_path)), name="model", registered_model_name=name,
+        onnx.load(str(onnx_path)), name="model",
         signature=signature(example.shape[1:], num_classes), input_example=example,
         pip_requirements=requirements(), save_as_external_data=False,
         onnx_execution_providers=list(providers),
     )
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
-    return version
+    # registered with its tags in one call: a tag set per call was a store round trip each
+    version = mlflow.register_model(info.model_uri, name,
+                                    tags={k: str(v) for k, v in tags.items()})
+    return str(version.version)
 
 
 @dataclass(frozen=True)
