@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out_dir)
     config = {
         "latency_budget": cfg.model_dump(),
+        **({"export.exporter": params.export.exporter} if cfg.runtime == "onnxruntime" else {}),
         "dataset": args.dataset,
         "model": args.model,
         "arch": m_cfg.arch,
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
             if cfg.runtime == "onnxruntime":
                 from chipprune.deploy.ort_latency import OrtTimer
 
-                timer = OrtTimer(cfg.device, cfg.warmup, cfg.repeats, min_ms=cfg.min_ms)
+                timer = OrtTimer(cfg.device, cfg.warmup, cfg.repeats, min_ms=cfg.min_ms,
+                                 exporter=params.export.exporter)  # what the export stage ships
             else:
                 timer = TorchTimer(device, fmt, cfg.warmup, cfg.repeats, min_ms=cfg.min_ms)
             table = profile_model(
@@ -155,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
                     "repeats": cfg.repeats,
                     "attempt": number,
                     **device_meta(device),
-                    **({"onnxruntime": importlib.metadata.version("onnxruntime")}
+                    **({"onnxruntime": importlib.metadata.version("onnxruntime"),
+                        "exporter": params.export.exporter}
                        if cfg.runtime == "onnxruntime" else {}),
                 },
             )

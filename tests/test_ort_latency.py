@@ -81,6 +81,7 @@ def test_profile_latency_stage_in_onnxruntime(tmp_path, mlflow_store, capsys):
     save_prepared(prepare_dataset("digits", image_size=16), tmp_path / "data")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["latency_budget"] = {**TINY, "runtime": "onnxruntime", "calibration": 0, "step": 12}
+    params["export"]["exporter"] = "torchscript"  # whole models exported as the export stage's
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "runs/latency/onnxruntime-cpu-bs2-digits-resnet20"
     rc = run_main(profile_latency.main, ["digits", "resnet20", str(tmp_path / "data"), str(out),
@@ -89,6 +90,7 @@ def test_profile_latency_stage_in_onnxruntime(tmp_path, mlflow_store, capsys):
     table = load_table(out / "table.json")
     assert table.meta["runtime"] == "onnxruntime" and table.meta["memory_format"] == "onnx"
     assert table.meta["onnxruntime"] and "calibration" not in table.meta  # tested in torch
+    assert table.meta["exporter"] == "torchscript"
     block = nchwc_block()
     assert table.meta["channel_block"] == block
     note = "latency_budget.step 12 and prune.round_to 1 the budget pays for channels"

@@ -105,8 +105,9 @@ def layer_feeds(op: ConvOp, n_in: int, n_out: int, batch_size: int) -> dict[str,
 class OrtTimer:
     """The ONNX Runtime timer: per grid point the `layer_graph` (written once), timed in a
     fresh session warmed up `warmup` runs: the median of `repeats` runs; whole models through
-    torch's exporter (exported once). Sessions as `chipprune.deploy.ort_runtime.session` makes
-    them (all graph optimisations, the provider for `device`).
+    torch's `exporter` (exported once; the export stage's, so a table times the graphs that
+    are deployed). Sessions as `chipprune.deploy.ort_runtime.session` makes them (all graph
+    optimisations, the provider for `device`).
 
     A session lives for one timing only: every live session keeps its own thread pool, and
     idle pools slow the session being timed (measured on 2 cores: a ResNet-20 at batch 256
@@ -115,9 +116,11 @@ class OrtTimer:
     threads wind down."""
 
     def __init__(self, device: str = "cpu", warmup: int = 3, repeats: int = 3,
-                 quiet_s: float = ort_runtime.QUIET_S, min_ms: float | None = None):
+                 quiet_s: float = ort_runtime.QUIET_S, min_ms: float | None = None,
+                 exporter: str = "dynamo"):
         self.device, self.warmup, self.repeats, self.quiet_s = device, warmup, repeats, quiet_s
         self.min_ms = min_ms  # None: budgets.latency.MIN_MS
+        self.exporter = exporter
         self._graphs: dict[tuple, bytes] = {}
         self._scratch = tempfile.TemporaryDirectory(prefix="chipprune-ort-")
 
@@ -148,7 +151,8 @@ class OrtTimer:
 
             def export():
                 path = Path(self._scratch.name) / f"model-{len(self._graphs)}.onnx"
-                export_onnx(build(dict(widths)).float().eval(), input_size, path)
+                export_onnx(build(dict(widths)).float().eval(), input_size, path,
+                            exporter=self.exporter)
                 return path.read_bytes()
 
             return self._time(key, export, {"images": x})
