@@ -42,7 +42,7 @@ def prefect_harness(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, prefect_harness):
-    """A git+DVC repo holding the project's pipeline with 1-2 epoch params; MLflow in a
+    """A git+DVC repo holding the project's pipeline with 1-epoch params; MLflow in a
     sqlite store of its own."""
     root = make_tiny_repo(tmp_path_factory.mktemp("flow-repo"))
     with pytest.MonkeyPatch.context() as mp:

@@ -164,7 +164,9 @@ def digits_workspace(tmp_path, mlflow_store):
 
 
 def test_a_served_stage_equals_the_cold_one_and_never_imports_torch(server, digits_workspace):
-    ws, env = digits_workspace, served_env(server)
+    # one thread in both (their arithmetic is then the same): two would spin on cores the
+    # other test worker holds (the served training used 26 s of CPU so, the cold one 8)
+    ws, env = digits_workspace, served_env(server, OMP_NUM_THREADS="1")
     prep = _stage(["stages.prepare", "digits", "data", "prep.json"], ws, env)
     assert prep.returncode == 0 and not imported_torch(prep), prep.stderr[-2000:]
     served = _stage(["stages.train_dense", "digits", "resnet20", "data", "served"], ws, env)

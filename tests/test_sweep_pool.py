@@ -4,7 +4,8 @@ with its own DVC cache (three "machines"). A 4-experiment sweep submits one flow
 experiment deployment per experiment; the stages every experiment shares run once and reach
 the others through the remote's run-cache; one worker is killed mid-experiment, Prefect's
 zombie automation marks its flow run Crashed and the sweep retries it on a live worker. The
-retried experiment's rows equal a local sweep's."""
+retried experiment's rows equal a local sweep's (run in a fourth clone while the pool waits
+out the dead worker's heartbeat)."""
 
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
-def _kill_box_during_an_experiment(worker: subprocess.Popen, killed: dict, stop: threading.Event):
+def _kill_box_during_an_experiment(worker: subprocess.Popen, killed: dict, stop: threading.Event,
+                                   was_killed: threading.Event):
     """Wait until `worker` runs an experiment's flow run (its process is the worker's child),
     let it heartbeat, then SIGKILL the worker and the flow run's process group: a machine
     that dies, with nobody left to report the run's end."""
@@ -100,6 +102,7 @@ def _kill_box_during_an_experiment(worker: subprocess.Popen, killed: dict, stop:
                     except ProcessLookupError:
                         pass  # it was in the worker's group
                     killed.update(name=run.name, flow_run_id=str(run.id))
+                    was_killed.set()
                     return
             time.sleep(0.5)
 
@@ -108,6 +111,23 @@ def _sweep_table(csv: str) -> pd.DataFrame:
     columns = ["experiment", "overrides", "run", "method", "test_top1", "test_top5", "params",
                "macs", "test_size"]
     return pd.read_csv(csv)[columns].sort_values(["experiment", "run"]).reset_index(drop=True)
+
+
+def _sweep_the_killed_one_locally(env: dict[str, str], grid: dict, repo: Path, killed: dict,
+                                  was_killed: threading.Event, out: dict) -> None:
+    """Once a worker is killed, sweep its experiment alone in `repo` (a clone with a cache of
+    its own: it runs the shared stages itself), as a user without a pool would; meanwhile the
+    pool waits out the dead worker's heartbeat. Results (or the error) go into `out`."""
+    was_killed.wait(timeout=400)
+    if not killed:  # nobody was killed (the test then fails on that)
+        return
+    seed = SEEDS[int(killed["name"].removeprefix("exp-")) - 1]
+    try:  # one experiment, not the grid: the retried one is the point of the comparison,
+        # and the others ran the same code on the same kind of worker
+        out["csv"], out["seconds"] = _sweep(env, **{**grid, "repo": str(repo), "seeds": [seed]},
+                                            jobs=1, out="results/local")
+    except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+        out["error"] = e
 
 
 def _sweep(env: dict[str, str], **kwargs) -> tuple[str, float]:
@@ -132,14 +152,15 @@ def test_a_sweep_on_a_pool_of_workers(tmp_path):
     remote = tmp_path / "dvc-remote"
     origin = make_tiny_repo(tmp_path / "origin", dvc_remote=remote)
     clones = {}
-    for box in BOXES:
+    for box in (*BOXES, "local"):
         clones[box] = tmp_path / box
         subprocess.run(["git", "clone", "-q", str(origin), str(clones[box])], env=git_env(),
                        check=True, timeout=60)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     workers: dict[str, subprocess.Popen] = {}
     killed: dict[str, str] = {}
-    stop = threading.Event()
+    local: dict = {}
+    stop, was_killed = threading.Event(), threading.Event()
     grid = {"repo": str(origin), "seeds": SEEDS, "dvc_targets": TARGETS}
     with local_server(store) as tracking, prefect_server(
         tmp_path, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1",
@@ -166,30 +187,34 @@ def test_a_sweep_on_a_pool_of_workers(tmp_path):
                     )
                 killer = threading.Thread(  # with this context's settings (the server's URL)
                     target=contextvars.copy_context().run,
-                    args=(_kill_box_during_an_experiment, workers["box-c"], killed, stop),
+                    args=(_kill_box_during_an_experiment, workers["box-c"], killed, stop,
+                          was_killed),
                     daemon=True)
                 killer.start()
+                local_sweep = threading.Thread(target=_sweep_the_killed_one_locally, args=(
+                    env, grid, clones["local"], killed, was_killed, local), daemon=True)
+                local_sweep.start()
                 csv, pool_seconds = _sweep(env, **grid, jobs=3, out="results/pool",
                                            deployment_name=EXPERIMENT)
             finally:
                 stop.set()
+                was_killed.set()  # let the local sweep's thread go on (or end) at once
                 for proc in workers.values():
                     stop_group(proc, timeout=20)
+                local_sweep.join(timeout=600)
             with get_client(sync_client=True) as client:
                 automations = client.read_automations_by_name(ZOMBIE)
                 crashed = client.read_flow_run(killed["flow_run_id"]) if killed else None
                 on_pool = sorted(r.name for r in client.read_flow_runs() if r.deployment_id)
-        # the killed experiment swept locally, in the origin repo (its own cache: it runs the
-        # shared stages itself); one experiment, not the grid: the retried one is the point
-        # of the comparison, and the others ran the same code on the same kind of worker
-        seed = SEEDS[int(killed["name"].removeprefix("exp-")) - 1] if killed else SEEDS[0]
-        local_csv, local_seconds = _sweep(env, **{**grid, "seeds": [seed]}, jobs=1,
-                                          out="results/local")
         mlflow.set_tracking_uri(tracking)
         runs = mlflow.search_runs(experiment_names=["chipprune"])
-    print(f"\npool sweep {pool_seconds:.0f} s (one worker killed), local sweep {local_seconds:.0f} s")
     assert len(automations) == 1
     assert killed, "box-c never ran an experiment"
+    if "error" in local:
+        raise local["error"]
+    local_csv = local["csv"]
+    print(f"\npool sweep {pool_seconds:.0f} s (one worker killed), local sweep "
+          f"{local['seconds']:.0f} s (during it)")
     assert crashed.state.is_crashed() and "heartbeat" in crashed.state.message
     # one flow run per experiment and attempt (the flow names its run after the experiment):
     # creating one is idempotent, so a POST the API client retried under load does not
