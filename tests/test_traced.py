@@ -433,3 +433,28 @@ def test_train_dense_starts_from_pretrained_weights(tmp_path, mlflow_store, monk
     assert rc == 2
     assert "layer2.0.conv1.weight" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
+
+
+def test_stochastic_depth_stays_a_call_so_it_reads_the_mode_when_run():
+    """torchvision's StochasticDepth branches on self.training inside its forward: traced
+    through, eval mode would be frozen in; kept a call, the traced model still drops rows
+    in training."""
+    from torchvision.ops import StochasticDepth
+
+    from chipprune.models.traced.graph import trace
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.drop = StochasticDepth(0.5, "row")
+
+        def forward(self, x):
+            return self.drop(self.conv(x))
+
+    gm = trace(Net())
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["conv", "drop"]
+    torch.manual_seed(0)
+    out = gm.train()(torch.ones(64, 3, 5, 5))
+    dropped = (out.flatten(1).abs().sum(1) == 0).sum().item()
+    assert 0 < dropped < 64  # rows dropped at run time, not all

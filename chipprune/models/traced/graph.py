@@ -20,8 +20,8 @@ group, never gated.
 
 from __future__ import annotations
 
-import functools
 import operator
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -62,15 +62,13 @@ class TraceError(ValueError):
     """A network torch.fx cannot trace, or one with no conv left to prune."""
 
 
-@functools.cache
 def _leaf_types() -> tuple[type, ...]:
     # torchvision's stochastic depth reads self.training inside its forward: traced through,
-    # the flag would be frozen at trace time, so it stays a call
-    try:
-        from torchvision.ops import StochasticDepth
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return ()
-    return (StochasticDepth,)
+    # the flag would be frozen at trace time, so it stays a call. Looked up, not imported: a
+    # model can only hold one once its module is loaded, and importing torchvision.ops costs
+    # a second (it loads torch._dynamo) in every process tracing a network of its own
+    loaded = sys.modules.get("torchvision.ops.stochastic_depth")
+    return (loaded.StochasticDepth,) if loaded else ()
 
 
 class _Tracer(fx.Tracer):
