@@ -4,6 +4,7 @@ configuration prunes to what the published tables imply under our counting conve
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -235,11 +236,22 @@ SMOKE_COST = {"chipnet-cifar": 110, "chip-cifar10": 70, "chip-imagenet": 85,  # 
               "digits-peers": 80}                       # with export and FastNAS
 
 
+@pytest.fixture(scope="session")
+def warm_server():
+    """A stage server for this test process's smoke runs (tests/served.py): each run forks
+    from it with torch, MLflow and every stage imported, instead of paying those imports
+    (seconds of CPU) in a process of its own."""
+    from pipelines.stage_server import serving
+
+    with serving(REPO) as env:
+        yield env
+
+
 @pytest.mark.parametrize("recipe", [
     pytest.param(r, id=r.stem, marks=[pytest.mark.slow(cost=SMOKE_COST.get(r.stem, 60)),
                                       pytest.mark.xdist_group(f"smoke-{r.stem}")])
     for r in RECIPES])
-def test_every_recipe_passes_its_smoke_run(recipe, tmp_path):
+def test_every_recipe_passes_its_smoke_run(recipe, tmp_path, warm_server):
     """Every stage DVC plans for the recipe runs, on synthetic images of the real shapes:
     each method x dataset x model of the (first-budget) grid is evaluated and reported."""
     import json
@@ -247,12 +259,14 @@ def test_every_recipe_passes_its_smoke_run(recipe, tmp_path):
     import pandas as pd
 
     from pipelines.smoke import REAL_SHAPES
+    from tests.served import CLIENT
 
     work = tmp_path / "smoke"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.recipe", str(recipe), "--smoke", "--workdir", str(work)],
-        cwd=REPO, capture_output=True, text=True, timeout=1200,
-    )
+    args = ["pipelines.recipe", str(recipe), "--smoke", "--workdir", str(work)]
+    # `python -m pipelines.recipe ...`, run by the warm server when it started
+    cmd = [sys.executable, *(["-c", CLIENT] if warm_server else ["-m"]), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **warm_server},
+                          capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     raw = yaml.safe_load(recipe.read_text())
     p = parse_params(yaml.safe_load((work / "params.yaml").read_text()))

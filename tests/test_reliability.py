@@ -48,13 +48,13 @@ TRAIN = [sys.executable, "-m", "stages.train_dense", "digits", "resnet20", "data
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    root = _workspace(tmp_path_factory.mktemp("ref"), epochs=4)
+    root = _workspace(tmp_path_factory.mktemp("ref"), epochs=3)
     subprocess.run(TRAIN, cwd=root, env=_env(root), check=True, capture_output=True, timeout=600)
     return torch.load(root / "out/checkpoint.pt", weights_only=True)
 
 
 def test_kill_9_mid_training_then_resume_gives_the_same_model(tmp_path, uninterrupted):
-    root = _workspace(tmp_path, epochs=4)
+    root = _workspace(tmp_path, epochs=3)  # killed after epoch 1: two left to resume
     state = root / ".chipprune/resume/train_dense@digits-resnet20.pt"
     proc = subprocess.Popen(TRAIN, cwd=root, env=_env(root), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

@@ -20,6 +20,7 @@ import yaml
 
 from stages._forward import ENV_ROOT, ENV_SOCKET
 from tests.conftest import REPO
+from tests.served import CLIENT
 
 pytestmark = pytest.mark.slow(cost=40)  # seconds alone, for test ordering
 
@@ -44,16 +45,6 @@ HELPER = textwrap.dedent("""
             print("interrupted", flush=True)
             sys.exit(3)
 """)
-
-CLIENT = textwrap.dedent("""
-    import os, sys
-    from stages._forward import ENV_SOCKET, exit_like, forward
-    status = forward(sys.argv[1], sys.argv[2:], os.environ[ENV_SOCKET])
-    if status is None:
-        sys.exit("not served")
-    exit_like(status)
-""")
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
