@@ -22,17 +22,31 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.e
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _timing_files() -> set[str]:
+    """The Makefile's TIMING_TESTS: the files `make test` collects for its timing run."""
+    for line in (REPO / "Makefile").read_text().splitlines():
+        if line.startswith("TIMING_TESTS"):
+            return set(line.split("=", 1)[1].split("#")[0].split())
+    return set()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """For `--dist loadgroup`: a module's tests form one group (one worker, so its module
-    fixtures are built once) unless a test names a group of its own (each recipe's smoke
-    run); groups holding a slow test are queued first, heaviest first (a group weighs its
-    heaviest test's `slow(cost=seconds)`, module fixture included), so the workers finish
-    together: the scheduler hands out groups in this order."""
+    """A timing test outside the Makefile's TIMING_TESTS is an error (`make test` would
+    never run it). For `--dist loadgroup`: a module's tests form one group (one worker, so
+    its module fixtures are built once) unless a test names a group of its own (each
+    recipe's smoke run); groups holding a slow test are queued first, heaviest first (a
+    group weighs its heaviest test's `slow(cost=seconds)`, module fixture included), so the
+    workers finish together: the scheduler hands out groups in this order."""
     def group(item):
         mark = item.get_closest_marker("xdist_group")
         return mark.args[0] if mark and mark.args else item.module.__name__
 
+    stray = sorted({str(item.path.relative_to(REPO)) for item in items
+                    if item.get_closest_marker("timing")} - _timing_files())
+    if stray:
+        raise pytest.UsageError(f"timing tests in {', '.join(stray)}: `make test` runs them "
+                                "from the Makefile's TIMING_TESTS files only; add the file there")
     cost: dict[str, float] = {}
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
