@@ -8,9 +8,9 @@ exercised end to end without its data or a GPU.
 What changes from the recipe (`smoke_params`): each dataset becomes `source: synthetic` of
 the real shape (an image folder's class count cannot be known without it: 1000, as
 ImageNet-1k), every batch size 2, every epoch count 1 (no warmup), CHIP scores 2 batches,
-latency tables (in the recipe's runtime) are one repeat at batch 2 with no minimum time and
-the measurements one repeat at batch 1, calibrated on one random model, ONNX files come from the TorchScript
-exporter (the fast one), training runs in one CPU process (a sharded dataset, as ImageNet's
+latency tables (in the recipe's runtime) are one repeat at batch 2 with no minimum time,
+calibrated on one random model, and the measurements one repeat at batch 1, ONNX files come
+from the TorchScript exporter (the fast one), training runs in one CPU process (a sharded dataset, as ImageNet's
 is, stays sharded and is decoded in that process), and the grid keeps its first budget and
 first dataset (plus those its transfer pairs and rate configurations read): every model and
 method, each on one grid point. The stages run in this process, in DVC's order, from the

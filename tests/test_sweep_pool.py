@@ -76,8 +76,7 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
-def _kill_box_during_an_experiment(worker: subprocess.Popen, killed: dict, stop: threading.Event,
-                                   was_killed: threading.Event):
+def _kill_box_during_an_experiment(worker: subprocess.Popen, killed: dict, stop: threading.Event):
     """Wait until `worker` runs an experiment's flow run (its process is the worker's child),
     let it heartbeat, then SIGKILL the worker and the flow run's process group: a machine
     that dies, with nobody left to report the run's end."""
@@ -102,7 +101,6 @@ def _kill_box_during_an_experiment(worker: subprocess.Popen, killed: dict, stop:
                     except ProcessLookupError:
                         pass  # it was in the worker's group
                     killed.update(name=run.name, flow_run_id=str(run.id))
-                    was_killed.set()
                     return
             time.sleep(0.5)
 
@@ -113,13 +111,14 @@ def _sweep_table(csv: str) -> pd.DataFrame:
     return pd.read_csv(csv)[columns].sort_values(["experiment", "run"]).reset_index(drop=True)
 
 
-def _sweep_the_killed_one_locally(env: dict[str, str], grid: dict, repo: Path, killed: dict,
-                                  was_killed: threading.Event, out: dict) -> None:
-    """Once a worker is killed, sweep its experiment alone in `repo` (a clone with a cache of
-    its own: it runs the shared stages itself), as a user without a pool would; meanwhile the
-    pool waits out the dead worker's heartbeat. Results (or the error) go into `out`."""
-    was_killed.wait(timeout=400)
-    if not killed:  # nobody was killed (the test then fails on that)
+def _kill_then_sweep_locally(worker: subprocess.Popen, killed: dict, stop: threading.Event,
+                             env: dict[str, str], grid: dict, repo: Path, out: dict) -> None:
+    """Kill `worker` during an experiment, then sweep that experiment alone in `repo` (a
+    clone with a cache of its own: it runs the shared stages itself), as a user without a
+    pool would, while the pool waits out the dead worker's heartbeat. Results (or the error)
+    go into `out`."""
+    _kill_box_during_an_experiment(worker, killed, stop)
+    if not killed:  # stopped before any kill (the test then fails on that)
         return
     seed = SEEDS[int(killed["name"].removeprefix("exp-")) - 1]
     try:  # one experiment, not the grid: the retried one is the point of the comparison,
@@ -160,7 +159,7 @@ def test_a_sweep_on_a_pool_of_workers(tmp_path):
     workers: dict[str, subprocess.Popen] = {}
     killed: dict[str, str] = {}
     local: dict = {}
-    stop, was_killed = threading.Event(), threading.Event()
+    stop = threading.Event()
     grid = {"repo": str(origin), "seeds": SEEDS, "dvc_targets": TARGETS}
     with local_server(store) as tracking, prefect_server(
         tmp_path, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1",
@@ -187,21 +186,17 @@ def test_a_sweep_on_a_pool_of_workers(tmp_path):
                     )
                 killer = threading.Thread(  # with this context's settings (the server's URL)
                     target=contextvars.copy_context().run,
-                    args=(_kill_box_during_an_experiment, workers["box-c"], killed, stop,
-                          was_killed),
+                    args=(_kill_then_sweep_locally, workers["box-c"], killed, stop, env, grid,
+                          clones["local"], local),
                     daemon=True)
                 killer.start()
-                local_sweep = threading.Thread(target=_sweep_the_killed_one_locally, args=(
-                    env, grid, clones["local"], killed, was_killed, local), daemon=True)
-                local_sweep.start()
                 csv, pool_seconds = _sweep(env, **grid, jobs=3, out="results/pool",
                                            deployment_name=EXPERIMENT)
             finally:
                 stop.set()
-                was_killed.set()  # let the local sweep's thread go on (or end) at once
                 for proc in workers.values():
                     stop_group(proc, timeout=20)
-                local_sweep.join(timeout=600)
+                killer.join(timeout=600)  # its local sweep
             with get_client(sync_client=True) as client:
                 automations = client.read_automations_by_name(ZOMBIE)
                 crashed = client.read_flow_run(killed["flow_run_id"]) if killed else None
