@@ -251,6 +251,8 @@ class ExportConfig(Strict):
     # torch's exporter: torch.export-based (its default), or TorchScript (deprecated by
     # PyTorch, 4-30x faster to export here; chipprune.deploy.onnx_export)
     exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    # processes the exports run in (forked, one thread each), before the timed part
+    workers: int = Field(1, ge=1, le=256)
 
 
 class LatencyBudgetConfig(Strict):

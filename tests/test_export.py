@@ -159,6 +159,9 @@ def test_export_stage_writes_onnx_parity_and_latency(stage_inputs, tmp_path, mlf
     from chipprune.reporting.tracking import file_sha256
 
     client = mlflow.MlflowClient()
+    stage_run = client.get_run(json.loads((out / "mlflow_run.json").read_text())["run_id"])
+    assert stage_run.data.metrics["exports"] == 3  # two runs and the pruned one's architecture
+    assert stage_run.data.metrics["exports_wall_seconds"] > 0
     assert (dense["registered_model"], dense["registered_version"]) == ("digits-resnet20", "1")
     assert (pruned["registered_model"], pruned["registered_version"]) == ("digits-resnet20", "2")
     version = client.get_model_version("digits-resnet20", "2")
@@ -181,6 +184,40 @@ def test_export_stage_writes_onnx_parity_and_latency(stage_inputs, tmp_path, mlf
     x = torch.randn(3, 1, 16, 16).numpy()
     session = ort_runtime.session(out / "pruned/model.onnx")
     assert (loaded.predict(x)["logits"] == session.run(None, {"images": x})[0]).all()
+
+
+def test_forked_exports_write_what_one_process_writes(stage_inputs, tmp_path):
+    root = stage_inputs
+    ExportJob = export_stage.ExportJob
+
+    def jobs(folder):
+        return [ExportJob(tmp_path / folder / n / "model.onnx", root / f"{n}.pt", root / "data", n)
+                for n in ("dense", "pruned")] + [
+            ExportJob(tmp_path / folder / "arch.onnx", root / "pruned.pt", root / "data", None)]
+
+    one = export_stage.export_all(jobs("one"), "torchscript", workers=1)
+    two = export_stage.export_all(jobs("two"), "torchscript", workers=2)
+    assert len(one) == len(two) == 3 and all(s > 0 for s in two.values())
+    for a, b in zip(one, two, strict=True):
+        assert a.read_bytes() == b.read_bytes()  # the same bytes from a forked worker
+    def shapes(path):
+        return sorted(list(i.dims) for i in onnx.load(str(path)).graph.initializer)
+
+    arch = onnx.load(str(tmp_path / "two/arch.onnx"))  # the pruned run's dense architecture:
+    assert shapes(tmp_path / "two/arch.onnx") == shapes(tmp_path / "two/dense/model.onnx")
+    assert shapes(tmp_path / "two/arch.onnx") != shapes(tmp_path / "two/pruned/model.onnx")
+    assert not arch.metadata_props  # a timing reference, not a deliverable
+
+
+def test_a_failed_forked_export_ends_the_stage_naming_the_file(stage_inputs, tmp_path):
+    root = stage_inputs
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    ExportJob = export_stage.ExportJob
+    jobs = [ExportJob(tmp_path / "a/model.onnx", root / "dense.pt", root / "data", "a"),
+            ExportJob(tmp_path / "b/model.onnx", bad, root / "data", "b")]
+    with pytest.raises(Exception, match="bad.pt"):
+        export_stage.export_all(jobs, "torchscript", workers=2)
 
 
 def test_export_stage_fails_over_the_tolerance_naming_the_run(stage_inputs, tmp_path, capsys,

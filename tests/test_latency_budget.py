@@ -742,6 +742,43 @@ def test_short_runs_are_timed_for_a_minimum_time(monkeypatch, cost_s, warmup, ru
     assert len(calls) == sum(runs)
 
 
+def test_a_rewarm_of_zero_ms_is_exactly_the_runs_asked_for(monkeypatch):
+    from chipprune.budgets import latency
+
+    clock, calls = [0.0], []
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: clock[0])
+
+    def run():  # 0.122 ms: MIN_MS takes 82 runs
+        clock[0] += 2.0**-13
+        calls.append(clock[0])
+
+    assert latency.median_ms(run, 1, repeats=3, warmup_ms=0) == 2.0**-13 * 1e3
+    assert len(calls) == 1 + 82  # one warm-up run, then the measurement's MIN_MS
+    calls.clear()
+    assert latency.median_ms(run, 1, repeats=3, warmup_ms=5) == 2.0**-13 * 1e3
+    assert len(calls) == 41 + 82  # 41 x 0.122 ms: the first sum >= 5 ms
+
+
+def test_the_table_timer_rewarms_a_timed_module_in_one_run(monkeypatch):
+    from chipprune.budgets import latency
+    from chipprune.budgets.latency_profile import TorchTimer
+    from chipprune.budgets.latency_table import _layer_plan
+
+    calls = []
+
+    def fake(model, shape, batch, device, warmup, repeats, **kw):
+        calls.append((warmup, kw["min_ms"], kw["warmup_ms"]))
+        return 1.0
+
+    monkeypatch.setattr(latency, "median_latency_ms", fake)
+    op = _layer_plan(create_model("resnet20", num_classes=10, in_channels=1), (1, 16, 16))[1][0][5]
+    timer = TorchTimer(torch.device("cpu"), "nchw", warmup=3, repeats=3)
+    for _ in range(3):  # three rounds of one grid point
+        timer(op, 8, 8, 4)
+    # the first use warms up for min_ms (None: MIN_MS) as always, later rounds in one run
+    assert calls == [(3, None, None), (1, None, 0.0), (1, None, 0.0)]
+
+
 def test_min_ms_zero_times_exactly_the_runs_asked_for(monkeypatch):
     from chipprune.budgets import latency
     from chipprune.config import LatencyBudgetConfig

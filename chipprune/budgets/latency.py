@@ -44,11 +44,15 @@ MAX_RUNS = 2000
 
 
 def median_ms(run: Callable[[], object], warmup: int, repeats: int,
-              min_ms: float | None = None, sync: Callable[[], object] = lambda: None) -> float:
+              min_ms: float | None = None, sync: Callable[[], object] = lambda: None,
+              warmup_ms: float | None = None) -> float:
     """Median wall time in ms of `run()` (then `sync()`): after `warmup` runs, and with any
-    warm-up at all at least `min_ms` (None: MIN_MS) of it, at least `repeats` timed runs and
-    `min_ms` of them (at most MAX_RUNS each). Every timer passes its `min_ms` through to here."""
+    warm-up at all at least `warmup_ms` (None: `min_ms`) of it, at least `repeats` timed runs
+    and `min_ms` (None: MIN_MS) of them (at most MAX_RUNS each). Every timer passes its
+    `min_ms` through to here; `warmup_ms` 0 re-warms something already warm (its caches) in
+    exactly `warmup` runs."""
     min_ms = MIN_MS if min_ms is None else min_ms
+    warmup_ms = min_ms if warmup_ms is None else warmup_ms
 
     def timed(count: int, at_least_ms: float) -> list[float]:
         times: list[float] = []
@@ -59,7 +63,7 @@ def median_ms(run: Callable[[], object], warmup: int, repeats: int,
             times.append((time.perf_counter() - t0) * 1e3)
         return times
 
-    timed(warmup, min_ms if warmup > 0 else 0.0)
+    timed(warmup, warmup_ms if warmup > 0 else 0.0)
     return statistics.median(timed(repeats, min_ms))
 
 
@@ -78,6 +82,7 @@ def median_latency_ms(
     memory_format: str = "nchw",
     dtype: torch.dtype = torch.float32,
     min_ms: float | None = None,
+    warmup_ms: float | None = None,
 ) -> float:
     """Median wall time in ms of one forward pass of a (batch_size, *input_shape) batch
     (`median_ms`).
@@ -92,7 +97,8 @@ def median_latency_ms(
     model.to(memory_format=fmt)
     x = torch.randn(batch_size, *input_shape, device=device, dtype=dtype)
     x = x.contiguous(memory_format=fmt)
-    ms = median_ms(lambda: model(x), warmup, repeats, min_ms, sync=lambda: _sync(device))
+    ms = median_ms(lambda: model(x), warmup, repeats, min_ms, sync=lambda: _sync(device),
+                   warmup_ms=warmup_ms)
     model.train(was_training)
     return ms
 
