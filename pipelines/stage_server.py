@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
 import importlib
 import json
 import os
@@ -59,11 +58,6 @@ def preload() -> int:
         importlib.import_module(f"stages.{mod.name}")
     import mlflow  # noqa: F401  (stages import it lazily, when they log)
     import mlflow.tracking  # noqa: F401
-    # torch's ONNX exporter, imported at its first export (2 s here): the export stage's
-    # workers fork with it loaded. Imports only, no torch op; a private module, so best effort
-    for name in ("onnxscript", "torch.onnx._internal.exporter._core"):
-        with contextlib.suppress(ImportError):
-            importlib.import_module(name)
 
     return torch.get_num_threads()
 

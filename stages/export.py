@@ -45,6 +45,7 @@ from chipprune.deploy.onnx_export import (
     export_onnx,
     normalisation_metadata,
     parity,
+    preload,
 )
 from chipprune.reporting import tracking
 from chipprune.reporting.records import CHECKPOINT_TAG, checkpoint_labels, record_labels
@@ -159,6 +160,7 @@ def export_all(jobs: list[ExportJob], exporter: str, workers: int) -> dict[Path,
     it inherited."""
     if workers <= 1 or len(jobs) <= 1:
         return {job.path: export_one(job, exporter) for job in jobs}
+    preload(exporter)  # once here, not once per worker
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
         gc.collect()

@@ -15,6 +15,7 @@ with N dynamic; the normalisation is written into the file's metadata (`normalis
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import warnings
@@ -54,6 +55,18 @@ def _torchscript(model: nn.Module, example: tuple, path: Path, metadata: dict[st
     proto = onnx.load_from_string(buffer.getvalue())
     onnx.helper.set_model_props(proto, metadata)
     onnx.save(proto, str(path))
+
+
+def preload(exporter: str) -> None:
+    """Import what `exporter` imports at its first export (torch.export's: onnxscript and
+    torch's exporter, 2 s here), so processes forked afterwards share the imports instead of
+    each paying for them. Imports only, no torch op; the exporter's module is private, so
+    this is best effort (the first export imports whatever is missing)."""
+    names = ("onnxscript", "torch.onnx._internal.exporter._core") if exporter == "dynamo" \
+        else ("onnx",)
+    for name in names:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
 
 
 _EXPORT = {"dynamo": _dynamo, "torchscript": _torchscript}
