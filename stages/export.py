@@ -74,7 +74,6 @@ def main(argv: list[str] | None = None) -> None:
     runs = runs_from_args(args)
     config = {"export": cfg.model_dump(), "latency": lat.model_dump(),
               "runs": {r.name: str(r.checkpoint) for r in runs}}
-    import onnxruntime
 
     with atomic_dir(args.out_dir) as tmp, tempfile.TemporaryDirectory() as scratch:
         tracking.check_reachable(tracking.tracking_uri())  # an unreachable server: no work
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             import mlflow  # the exports ran before this run: their wall time is logged here
 
             mlflow.log_metrics({"exports_wall_seconds": wall, "exports": len(jobs)})
-            record_all(runs, tmp, Path(scratch), export_seconds, stage, cfg, lat, onnxruntime)
+            record_all(runs, tmp, Path(scratch), export_seconds, stage, cfg, lat)
 
 
 @dataclass(frozen=True)
@@ -178,10 +177,11 @@ def export_all(jobs: list[ExportJob], exporter: str, workers: int) -> dict[Path,
 
 
 def record_all(runs: list[EvaluatedRun], tmp: Path, scratch: Path,
-               export_seconds: dict[Path, float], stage, cfg, lat, onnxruntime) -> None:
+               export_seconds: dict[Path, float], stage, cfg, lat) -> None:
     """Parity, ONNX Runtime latency, export.json and the registered MLflow model of every
     run, one at a time (timings on a machine nothing else of ours is using)."""
     import mlflow
+    import onnxruntime
 
     tests: dict[Path, tuple[DeviceData, dict[str, Any]]] = {}  # one load per dataset
     dense_sessions: dict[str, Any] = {}  # dense architecture -> its ORT session
