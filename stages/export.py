@@ -110,16 +110,15 @@ def dense_jobs(runs: list[EvaluatedRun], scratch: Path) -> list[ExportJob]:
     jobs, seen = [], set()
     for r in runs:
         ckpt = load_checkpoint(r.checkpoint)
-        key = dense_key(ckpt, r.data_dir)
+        key = dense_key(ckpt, load_meta(r.data_dir)["image_shape"])
         if is_pruned(ckpt) and key not in seen:
             seen.add(key)
             jobs.append(ExportJob(dense_path(scratch, key), r.checkpoint, r.data_dir, None))
     return jobs
 
 
-def dense_key(ckpt: dict[str, Any], data_dir: Path) -> str:
-    shape = load_meta(data_dir)["image_shape"]
-    return json.dumps([ckpt["model_name"], dense_kwargs(ckpt), shape], sort_keys=True)
+def dense_key(ckpt: dict[str, Any], shape) -> str:
+    return json.dumps([ckpt["model_name"], dense_kwargs(ckpt), list(shape)], sort_keys=True)
 
 
 def dense_path(scratch: Path, key: str) -> Path:
@@ -171,8 +170,7 @@ def export_all(jobs: list[ExportJob], exporter: str, workers: int) -> dict[Path,
         try:
             return {path: future.result() for path, future in futures.items()}
         except BaseException:
-            for future in futures.values():
-                future.cancel()
+            pool.shutdown(cancel_futures=True)  # no waiting for the rest
             raise
 
 
@@ -207,7 +205,7 @@ def record_all(runs: list[EvaluatedRun], tmp: Path, scratch: Path,
         pruned = is_pruned(ckpt)
         reference = None
         if pruned and lat.dense_reference:  # as evaluate; else the report divides rows
-            key = dense_key(ckpt, r.data_dir)
+            key = dense_key(ckpt, shape)
             if key not in dense_sessions:
                 dense_sessions[key] = ort_runtime.session(dense_path(scratch, key), cfg.device)
             reference = dense_sessions[key]

@@ -247,7 +247,6 @@ class TorchTimer:
         self.device, self.memory_format = device, memory_format
         self.warmup, self.repeats, self.dtype = warmup, repeats, dtype
         self.min_ms = min_ms  # None: budgets.latency.MIN_MS
-        self.rewarm_ms = 0.0
         self._modules: dict[tuple, nn.Module] = {}
 
     def _time(self, cache: dict, key: tuple, build: Callable[[], nn.Module],
@@ -271,7 +270,7 @@ class TorchTimer:
             memory_format=self.memory_format,
             dtype=self.dtype,
             min_ms=self.min_ms,
-            warmup_ms=None if first else self.rewarm_ms,
+            warmup_ms=None if first else 0.0,
         )
 
     def __call__(self, op: ConvOp, n_in: int, n_out: int, batch_size: int) -> float:
