@@ -188,14 +188,18 @@ def test_calibration_fits_rest_scale_and_call_to_whole_models_and_holds_out_the_
     assert any(w[g] == 0 for w in calib[2:6:2] for g in vanishing)  # some branches removed
     assert all(w[g] > 0 for w in calib[3:6:2] for g in vanishing)  # every other one: none
     assert timed == [dense, check_widths(dense, 8), *calib]  # one round, in this order
-    assert len(calib) == 7 and calib[0]["layer3"] == 16 and calib[1]["layer3"] == 48
-    # the last: every other branch gone, the rest dense
+    assert len(calib) == 8 and calib[0]["layer3"] == 16 and calib[1]["layer3"] == 48
+    # then every other branch gone, the rest dense; last, every branch gone, the rest at its
+    # narrowest grid point above 1 (8 for every group: the
+    # stem and the streams are 16, 32 and 64 wide)
     assert calib[6] == {g: 0 if any(g in br for br in branches[1::2]) else w
                         for g, w in dense.items()}
+    assert calib[7] == {g: 0 if g in vanishing else 8 for g in dense}
+    assert alive_layers(model, calib[7]) == 1  # the stem: option-A shortcuts let every branch go
     assert (table.rest_ms, table.scale, table.call_ms) == (
         pytest.approx(3.0, rel=1e-9), pytest.approx(0.6, rel=1e-9), pytest.approx(0.05, rel=1e-9))
     cal = table.meta["calibration"]
-    assert cal["models"] == 8 and cal["alive_layers"] == [
+    assert cal["models"] == 9 and cal["alive_layers"] == [
         alive_layers(model, w) for w in (dense, *calib)]
     assert min(cal["alive_layers"]) < 19 == cal["alive_layers"][0]
     assert cal["max_fit_error"] == pytest.approx(0.0, abs=1e-9)
@@ -493,7 +497,8 @@ def test_profile_latency_stage_writes_a_table_the_budget_accepts(stage_env, mlfl
     assert table.meta["batch_size"] == 2 and table.meta["device"] == "cpu"
     assert table.meta["memory_format"] in ("nchw", "channels_last")
     assert set(table.meta["dense_ms_by_format"]) == {"nchw", "channels_last"}
-    assert table.meta["calibration"]["models"] == 8 and table.scale >= 0  # dense, 1/4, 3/4, 4 random, alternate branches
+    # dense, 1/4, 3/4, 4 random, every other branch gone, every branch gone
+    assert table.meta["calibration"]["models"] == 9 and table.scale >= 0
     model = create_model("resnet20", num_classes=10, in_channels=1, shortcut="A")
     bm = BudgetModel.from_model(model, SHAPE, latency=table)
     assert bm.fraction("latency", bm.dense_widths) == pytest.approx(1.0, rel=1e-12)

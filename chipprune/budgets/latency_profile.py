@@ -56,9 +56,14 @@ def calibration_widths(dense: Mapping[str, int], step: int, n_random: int,
     (at batch 1 a removed branch saves per-module overhead a width never shows). Half of them
     keep every layer, so the fit sees widths move with the layer count fixed: with removals
     in all four, ResNet-56's scale at batch 1 came out anywhere from 0.25 to 1.02 between
-    runs, its call taking the rest. With branches, one more: every other branch
+    runs, its call taking the rest. With branches, two more: every other branch
     removed, the rest dense, so the fit tells a layer's call from its width (the quarter
-    model narrows every layer and removes none)."""
+    model narrows every layer and removes none); and every branch removed, the rest at its
+    narrowest grid point (`_nearest` of 0): the smallest model masks can make, the corner a
+    tight budget at batch 1 goes to, where a layer's width hardly counts and the search
+    removes branches. Without it the fit extrapolated there: ResNet-20 in channels_last at
+    batch 1, thresholded at half the latency, measured 0.37 of dense where its table said
+    0.56."""
     rng = random.Random(seed)
     vanishing = {g for br in branches for g in br}
     out = [{g: _nearest(d, step, f) for g, d in dense.items()} for f in (0.25, 0.75)]
@@ -67,6 +72,7 @@ def calibration_widths(dense: Mapping[str, int], step: int, n_random: int,
     if branches:
         gone = {g for br in branches[1::2] for g in br}
         out.append({g: 0 if g in gone else d for g, d in dense.items()})
+        out.append({g: 0 if g in vanishing else _nearest(d, step, 0.0) for g, d in dense.items()})
     return out
 
 
@@ -129,7 +135,7 @@ def profile_model(
 
     With `calibration` > 0 the `calibration_widths` models (quarter and three-quarter widths
     plus `calibration` random ones and, with removable branches, one with every other branch
-    gone) are timed too, and rest, scale and the per-layer call are fitted to them and the
+    gone and one with all of them gone) are timed too, and rest, scale and the per-layer call are fitted to them and the
     dense model (`fit_latency_model`; `meta["calibration"]`); the half-width check stays held
     out. With 0, scale is 1, call 0 and rest closes the dense model's gap exactly. (A fit on
     the dense and half models alone was tried before: two points, one of them the check.)
