@@ -30,6 +30,8 @@ from stages import export as export_stage
 from stages._common import run_main
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow(cost=30)  # seconds alone, for test ordering
+
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("case", ["resnet20-A", "preresnet11-selections"])

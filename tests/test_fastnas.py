@@ -20,6 +20,8 @@ from chipprune.models import create_model
 from chipprune.surgery.rebuild import prune_model
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow(cost=70)  # seconds alone, for test ordering
+
 KWARGS = {"num_classes": 10, "in_channels": 1}
 
 
@@ -56,7 +58,6 @@ def test_kept_channels_reads_an_export_in_its_own_order():
         fastnas.kept_channels(dense, export)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch,kwargs,shape,kind,target", [
     ("resnet20", {"shortcut": "B", **KWARGS}, (1, 8, 8), "flops", 0.3),
     ("resnet20", {"shortcut": "B", **KWARGS}, (1, 8, 8), "params", 0.5),
@@ -123,7 +124,6 @@ def test_a_grid_fastnas_cannot_search_is_a_params_error(monkeypatch):
         parse_params(_grid(raw, ["flops-0.25"]))
 
 
-@pytest.mark.slow
 def test_fastnas_through_the_stage(tmp_path, mlflow_store, monkeypatch):
     """baseline_masks fastnas on a digits ResNet-20 with option-A shortcuts (FastNAS searches
     the blocks' inner convs; the streams keep every channel): masks under the budget, what

@@ -30,6 +30,10 @@ from chipprune.training.checkpoint import (
 )
 from tests.conftest import REPO
 
+# ~60 s for the module (18 families, each traced, pruned and counted): queued among the heavy
+# groups, not last, where it held one of the two workers while the other sat idle
+pytestmark = pytest.mark.slow(cost=60)  # seconds alone, for test ordering
+
 # builder -> image side (the smallest each runs at, at most 32; inception_v3 needs 75)
 FAMILIES = {
     "alexnet": 64, "vgg11": 32, "vgg11_bn": 32, "resnet18": 32, "resnext50_32x4d": 32,
