@@ -319,3 +319,27 @@ def test_real_server_schedules_the_nightly_deployment(tmp_path):
         assert run.deployment_id == deployment.id and run.state.is_scheduled()
         start = run.expected_start_time.astimezone(datetime.timezone.utc)
         assert (start.hour, start.minute) == (2, 0)
+
+
+def test_warm_tracking_opens_an_existing_store_and_never_creates_one(tmp_path, monkeypatch):
+    """The CLI's warm-up (run while Prefect's temporary server starts) opens the repo's
+    mlflow.db when there is one, read-only, and leaves a repo without one as it was: a flow
+    that fails before its parent run must not leave a store behind."""
+    from pipelines.flows import warm_tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    thread = warm_tracking(str(bare))
+    thread.join(timeout=120)
+    assert not thread.is_alive() and list(bare.iterdir()) == []
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{kept / 'mlflow.db'}")
+    exp = client.create_experiment("chipprune")
+    before = sorted(p.name for p in kept.iterdir())
+    thread = warm_tracking(str(kept))
+    thread.join(timeout=120)
+    assert not thread.is_alive() and sorted(p.name for p in kept.iterdir()) == before
+    assert client.get_experiment(exp).name == "chipprune"
