@@ -411,11 +411,10 @@ def warm_tracking(repo: str) -> threading.Thread:
         try:
             from mlflow import MlflowClient
 
-            import chipprune.reporting.tracking  # noqa: F401  (torch, imported by the task)
+            from chipprune.reporting.tracking import local_store  # and torch, as the task
 
-            uri = os.environ.get("MLFLOW_TRACKING_URI")
-            db = Path(repo).resolve() / "mlflow.db"
-            if uri is None and db.is_file():
+            db = local_store(Path(repo).resolve())
+            if not os.environ.get("MLFLOW_TRACKING_URI") and db.is_file():
                 MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments(max_results=1)
         except Exception:  # noqa: BLE001 - a warm-up only: the task reports any real problem
             pass

@@ -52,6 +52,8 @@ def test_default_uri_is_absolute_sqlite(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("CHIPPRUNE_ROOT", str(tmp_path))
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    # another project's store, whatever CHIPPRUNE_ROOT says (what the flow CLI warms up)
+    assert tracking.local_store(tmp_path / "other") == tmp_path / "other" / "mlflow.db"
 
 
 def test_flatten():

@@ -25,9 +25,15 @@ def repo_root() -> Path:
     return Path(os.environ.get("CHIPPRUNE_ROOT", Path.cwd())).resolve()
 
 
+def local_store(root: Path | None = None) -> Path:
+    """The sqlite file the stages of the project at `root` (default: repo_root()) log to
+    when MLFLOW_TRACKING_URI is unset."""
+    return (root or repo_root()) / "mlflow.db"
+
+
 def tracking_uri() -> str:
     # MLflow 3 refuses the old file store; sqlite needs an absolute path to be cwd-independent.
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{local_store()}"
 
 
 class TrackingUnreachable(RuntimeError):
