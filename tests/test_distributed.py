@@ -172,7 +172,8 @@ def test_stage_with_nproc_2_writes_from_rank_0_only(digits, tmp_path):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(digits, root / "data")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train_dense"].update(epochs=1, distributed={"nproc": 2})
+    # two epochs: the first ends in a resume state (rank 0 writes it, the stage clears it)
+    params["train_dense"].update(epochs=2, distributed={"nproc": 2})
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     audit = tmp_path / "audit"
     audit.mkdir()
@@ -195,9 +196,10 @@ def test_stage_with_nproc_2_writes_from_rank_0_only(digits, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "AUDIT" not in proc.stderr, proc.stderr  # rank 1 wrote nothing in the workspace
-    assert proc.stdout.count("epoch 1/1") == 1 and proc.stdout.count("val top1") == 1
+    assert proc.stdout.count("epoch 1/2") == proc.stdout.count("epoch 2/2") == 1
+    assert proc.stdout.count("val top1") == 1
     ckpt = torch.load(root / "out/checkpoint.pt", weights_only=True)
-    assert [r["epoch"] for r in ckpt["history"]] == [1]
+    assert [r["epoch"] for r in ckpt["history"]] == [1, 2]
     assert ckpt["config"]["train"]["distributed"] == {"nproc": 2, "sync_bn": False}
     assert not any((root / ".chipprune/resume").iterdir())  # cleared by rank 0
     run_id = json.loads((root / "out/mlflow_run.json").read_text())["run_id"]
@@ -205,7 +207,7 @@ def test_stage_with_nproc_2_writes_from_rank_0_only(digits, tmp_path):
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert [r.info.run_id for r in runs] == [run_id]  # one MLflow run, from rank 0
     assert runs[0].data.tags["chipprune.world_size"] == "2"
-    assert len(mlflow.MlflowClient().get_metric_history(run_id, "val_top1")) == 1
+    assert len(mlflow.MlflowClient().get_metric_history(run_id, "val_top1")) == 2  # per epoch, once
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,17 @@ from chipprune.training.resume import ResumeStore
 from chipprune.training.sources import DeviceData, random_crop_flip
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The same float sums whatever the machine or the worker count: a fit's numbers (which
+    epoch has the best validation score) depend on how many threads split the reductions,
+    and `make test`'s workers run with one each."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_random_crop_flip_matches_explicit_slicing():
     x = torch.randint(0, 256, (6, 3, 5, 7), dtype=torch.uint8)
     pad = 2
@@ -115,6 +126,22 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
     for pa, pb in zip(ref.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(pa, pb)
     assert [r["val_top1"] for r in result.history] == [r["val_top1"] for r in ref_hist]
+
+
+def test_the_last_epoch_saves_no_resume_state(tmp_path):
+    """The caller writes the checkpoint and clears the state right after the last epoch: a
+    save there would be a whole model-and-optimizer write for nothing. The file holds the
+    epoch before, and resuming from it repeats the last epoch to the same model."""
+    data = _data()
+    ref = _model()
+    fit(ref, data, data, CFG, AUG)
+    store = ResumeStore(tmp_path / "state.pt", "fp")
+    fit(_model(), data, data, CFG, AUG, resume=store)
+    assert store.load(quiet=True)["epoch"] == CFG.epochs - 1
+    again = _model()
+    assert fit(again, data, data, CFG, AUG, resume=store).resumed_from_epoch == CFG.epochs - 1
+    for pa, pb in zip(ref.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb)
 
 
 def test_resume_ignores_state_of_another_config(tmp_path):

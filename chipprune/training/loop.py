@@ -1,7 +1,9 @@
 """Training and evaluation loops over a split from `sources` (device tensors or a sharded
 stream, one interface): uint8 batches, augmented as the split's form does it, normalised on
-the device. Every epoch ends in an atomic resume checkpoint, so a killed run continues
-where it was."""
+the device. Every epoch but the last ends in an atomic resume checkpoint, so a killed run
+continues where it was (after the last, the caller writes its checkpoint and clears the state:
+that save would be a full model-and-optimizer write deleted moments later, and a kill in
+between repeats one epoch, deterministically)."""
 
 from __future__ import annotations
 
@@ -261,7 +263,7 @@ def fit(
         if cfg.keep == "best_val" and (best is None or row["val_top1"] > best["top1"]):
             best = {"epoch": epoch + 1, "top1": row["val_top1"],
                     "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-        if resume and main:
+        if resume and main and epoch + 1 < cfg.epochs:  # the last one: see the module doc
             resume.save(
                 {
                     "epoch": epoch + 1,
