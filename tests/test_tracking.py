@@ -58,3 +58,18 @@ def test_default_uri_is_absolute_sqlite(monkeypatch, tmp_path):
 
 def test_flatten():
     assert tracking.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": {}}) == {"a.b": 1, "a.c.d": 2, "e": {}}
+
+
+def test_file_sha256_follows_the_file_not_its_name(tmp_path):
+    import hashlib
+
+    from chipprune import atomic
+
+    path = tmp_path / "ckpt.pt"
+    atomic.write_text(path, "first")
+    assert tracking.file_sha256(path) == hashlib.sha256(b"first").hexdigest()
+    assert tracking.file_sha256(str(path)) == hashlib.sha256(b"first").hexdigest()  # remembered
+    atomic.write_text(path, "other")  # a new file at the same path (what every stage writes)
+    assert tracking.file_sha256(path) == hashlib.sha256(b"other").hexdigest()
+    path.write_text("third, longer")  # rewritten in place
+    assert tracking.file_sha256(path) == hashlib.sha256(b"third, longer").hexdigest()

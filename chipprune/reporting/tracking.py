@@ -4,6 +4,7 @@ run-id file so a stage that DVC later skips or restores still points at the run 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -83,6 +84,16 @@ def provenance_tags() -> dict[str, str]:
 
 
 def file_sha256(path: str | Path) -> str:
+    """sha256 of the file's bytes. A checkpoint is hashed by several steps of one process (a
+    stage's resume fingerprint and its input tags; evaluate's and export's tags in a smoke
+    run), hundreds of MB each time: a file whose identity (inode, size, mtime), as DVC keys
+    its own hash cache, has not changed is not read again."""
+    st = os.stat(path)
+    return _sha256_of(os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: str, inode: int, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
