@@ -4,6 +4,7 @@ code logs through it into the sqlite store, and the server is gone afterwards.""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import sys
 
@@ -23,9 +24,10 @@ LOG_ONE_RUN = (
 
 
 def test_a_command_logs_through_the_server_its_status_is_the_commands_and_it_stops(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, empty_mlflow_store):
     """One server start (each costs seconds of CPU): the command logs a run through it and
     exits 5, which is the wrapper's status; the server is gone afterwards."""
+    shutil.copyfile(empty_mlflow_store, tmp_path / "mlflow.db")  # not its migrations again
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
