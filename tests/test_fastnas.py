@@ -58,16 +58,19 @@ def test_kept_channels_reads_an_export_in_its_own_order():
         fastnas.kept_channels(dense, export)
 
 
-@pytest.mark.parametrize("arch,kwargs,shape,kind,target", [
-    ("resnet20", {"shortcut": "B", **KWARGS}, (1, 8, 8), "flops", 0.3),
-    ("resnet20", {"shortcut": "B", **KWARGS}, (1, 8, 8), "params", 0.5),
-    ("torchvision:resnet18", {"num_classes": 10}, (3, 32, 32), "flops", 0.5),  # traced
+# divisors above 1 (prune.round_to) cut the search (its candidates per group) 40-50%; the
+# stage test below searches at the default, 1
+@pytest.mark.parametrize("arch,kwargs,shape,kind,target,divisor", [
+    ("resnet20", {"shortcut": "B", **KWARGS}, (1, 8, 8), "flops", 0.3, 1),
+    ("resnet20", {"shortcut": "B", **KWARGS}, (1, 8, 8), "params", 0.5, 4),
+    ("torchvision:resnet18", {"num_classes": 10}, (3, 32, 32), "flops", 0.5, 8),  # traced
 ])
-def test_surgery_with_its_masks_rebuilds_fastnas_export(arch, kwargs, shape, kind, target):
+def test_surgery_with_its_masks_rebuilds_fastnas_export(arch, kwargs, shape, kind, target,
+                                                         divisor):
     """The real search (option-B shortcuts and torchvision's ResNet, which FastNAS traces
     through): every weight, gamma and beta of our pruned model equals FastNAS's export; our
     exact count of the masks agrees with the count FastNAS searched under, which met the
-    target."""
+    target; every width it chose is a multiple of the divisor."""
     dense = _trained_like(arch, kwargs)
     torch.manual_seed(2)
     images = torch.randn(48 if shape[0] == 1 else 16, *shape)
@@ -79,7 +82,7 @@ def test_surgery_with_its_masks_rebuilds_fastnas_export(arch, kwargs, shape, kin
 
     before = {k: v.clone() for k, v in dense.state_dict().items()}
     result = fastnas.search(dense, kind, target, score=score, calibration=[images[:32]],
-                            dummy_input=images[:1])
+                            dummy_input=images[:1], channel_divisor=divisor)
     assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items())  # untouched
 
     ours, _ = prune_model(dense, arch, kwargs, result.kept)
@@ -90,6 +93,7 @@ def test_surgery_with_its_masks_rebuilds_fastnas_export(arch, kwargs, shape, kin
 
     widths = {g: len(i) for g, i in result.kept.items()}
     assert widths != dense.describe().widths()  # it did prune
+    assert all(w % divisor == 0 for w in widths.values())
     ours_fraction = BudgetModel.from_model(dense, shape).fraction(kind, widths)
     assert result.its_fraction <= target
     # our convention counts what torchprofile and a parameter sum count, up to BN affine
