@@ -112,7 +112,8 @@ def test_two_torchrun_nodes_match_one_process(digits, tmp_path):
     both boxes on this machine (one process per "node", c10d rendezvous on 127.0.0.1):
     the float64 result of one process, as two local ranks give it, and the nodes agree."""
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # TMPDIR: torchrun leaves a torchelastic_* log folder behind in it on every run
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
 
     def node(rank: int) -> subprocess.Popen:
         return subprocess.Popen(

@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -143,6 +145,14 @@ def _sweep(env: dict[str, str], **kwargs) -> tuple[str, float]:
 
 @pytest.mark.slow(cost=330)
 def test_a_sweep_on_a_pool_of_workers(tmp_path):
+    scratch = Path(tempfile.mkdtemp(prefix="pool-"))
+    try:
+        _sweep_on_a_pool(tmp_path, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _sweep_on_a_pool(tmp_path: Path, scratch: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -165,6 +175,9 @@ def test_a_sweep_on_a_pool_of_workers(tmp_path):
         tmp_path, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1",
     ) as (api, env):
         env = {**env, "MLFLOW_TRACKING_URI": tracking,
+               # the killed box's flow run leaves its workspace and stage-server folders
+               # behind: in a folder of the test's (short: the server's socket lives there)
+               "TMPDIR": str(scratch),
                "OMP_NUM_THREADS": "1",  # the same arithmetic in every process
                "CHIPPRUNE_ARTIFACT_ROOT": (tmp_path / "mlartifacts").as_uri()}
         env.pop("MLFLOW_PARENT_RUN_ID", None)
