@@ -1,7 +1,7 @@
 """The Prefect orchestration, for real: the pipeline flow over a tiny params set in a temporary
 repo copy (one task per DVC stage, every executed stage nested under one MLflow parent run),
 a second run where DVC skips everything, a failing stage that blocks only its downstream, and
-a real `prefect server` whose scheduler creates the nightly deployment's runs."""
+the nightly deployment's runs made by the scheduler: all against one real `prefect server`."""
 
 from __future__ import annotations
 
@@ -26,22 +26,32 @@ from tests.tiny_repo import STAGES, TARGETS, git_dvc_init, make_tiny_repo
 pytestmark = pytest.mark.slow(cost=90)  # seconds alone, for test ordering
 
 
-@pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory):
-    """Flows run against a temporary Prefect server and database, PREFECT_HOME in a tmp dir."""
-    from prefect.settings import PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
+@pytest.fixture(scope="module")  # stopped when the module's tests end: its services poll
+def prefect_api(tmp_path_factory):
+    """One real `prefect server start` for this module (tests/prefect_server.py; its own
+    PREFECT_HOME and database in a temporary folder): the flows run in this process against
+    it, and its scheduler, looking at new deployments every 2 s, makes the nightly
+    deployment's runs. One server start, not two (each is about 9 s of CPU here)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
-    home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", str(home))
-        with temporary_settings(updates={PREFECT_HOME: home}):
-            with prefect_test_harness(server_startup_timeout=60):
-                yield
+    tmp = tmp_path_factory.mktemp("prefect")
+    with prefect_server(tmp, PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS="2",
+                        ) as (url, env), pytest.MonkeyPatch.context() as mp:
+        for name in ("PREFECT_HOME", "PREFECT_API_URL"):
+            mp.setenv(name, env[name])
+        with temporary_settings(updates={PREFECT_HOME: Path(env["PREFECT_HOME"]),
+                                         PREFECT_API_URL: url}):
+            try:
+                yield url, env
+            finally:  # what this process still holds goes out before the server stops
+                APILogWorker.drain_all(timeout=10)
+                EventsWorker.drain_all()
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, prefect_harness):
+def repo(tmp_path_factory, prefect_api):
     """A git+DVC repo holding the project's pipeline with 1-epoch params; MLflow in a
     sqlite store of its own."""
     root = make_tiny_repo(tmp_path_factory.mktemp("flow-repo"))
@@ -159,7 +169,8 @@ def test_status_first_still_reproduces_a_changed_stage_and_its_downstream(repo, 
     }
 
 
-def test_a_failing_stage_blocks_only_its_downstream(tmp_path, prefect_harness, monkeypatch, empty_mlflow_store):
+def test_a_failing_stage_blocks_only_its_downstream(tmp_path, prefect_api, monkeypatch,
+                                                    empty_mlflow_store):
     """A shell-only pipeline: `b` fails, so `c` (after b) is not run, `d` (after a) still is."""
     from pipelines.flows import PipelineFailed, pruning_pipeline
 
@@ -196,7 +207,7 @@ repo.lock.unlock()
 """
 
 
-def test_a_busy_dvc_lock_is_retried(tmp_path, prefect_harness, monkeypatch, empty_mlflow_store):
+def test_a_busy_dvc_lock_is_retried(tmp_path, prefect_api, monkeypatch, empty_mlflow_store):
     """Another DVC process holds the workspace lock past DVC's own 3 s of waiting: the stage's
     task fails with DvcLockBusy (the other process then lets go) and its retry succeeds."""
     from prefect.client.orchestration import get_client
@@ -278,7 +289,7 @@ def test_sweep_runs_an_experiment_in_its_own_workspace(repo, first_run):
         "evaluate", "finetune", "learn_masks"]  # prepare and train_dense were up to date
 
 
-def test_real_server_schedules_the_nightly_deployment(tmp_path):
+def test_real_server_schedules_the_nightly_deployment(tmp_path, prefect_api):
     """`prefect server start`, the work pool, `prefect deploy` of prefect.yaml's nightly
     deployment; the server's scheduler then creates its scheduled flow runs (02:00 UTC)."""
     from prefect.client.orchestration import get_client
@@ -290,32 +301,29 @@ def test_real_server_schedules_the_nightly_deployment(tmp_path):
         FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     project = tmp_path / "project"  # prefect deploy reads prefect.yaml and the entrypoint here
     shutil.copytree(REPO / "pipelines", project / "pipelines",
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "prefect.yaml", project / "prefect.yaml")
-    settings = {"PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "2"}
-    with prefect_server(tmp_path, **settings) as (url, env):
-        for cmd in (["work-pool", "create", "chipprune-pool", "--type", "process"],
-                    ["--no-prompt", "deploy", "--name", "nightly"]):
-            done = subprocess.run([str(BIN / "prefect"), *cmd], cwd=project, env=env,
-                                  capture_output=True, text=True, timeout=120)
-            assert done.returncode == 0, f"prefect {cmd}:\n{done.stdout}\n{done.stderr}"
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            with get_client(sync_client=True) as client:
-                deployment = client.read_deployment_by_name("chipprune-pipeline/nightly")
-                assert deployment.work_pool_name == "chipprune-pool"
-                assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
-                deadline, runs = time.monotonic() + 60, []
-                while not runs and time.monotonic() < deadline:
-                    runs = client.read_flow_runs(
-                        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
-                        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
-                            type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
-                    )
-                    time.sleep(1)
+    _, env = prefect_api  # this process's settings already point at it
+    for cmd in (["work-pool", "create", "chipprune-pool", "--type", "process"],
+                ["--no-prompt", "deploy", "--name", "nightly"]):
+        done = subprocess.run([str(BIN / "prefect"), *cmd], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"prefect {cmd}:\n{done.stdout}\n{done.stderr}"
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("chipprune-pipeline/nightly")
+        assert deployment.work_pool_name == "chipprune-pool"
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+        deadline, runs = time.monotonic() + 60, []
+        while not runs and time.monotonic() < deadline:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+            )
+            time.sleep(1)
     assert len(runs) >= 3, "the scheduler made no scheduled runs within 60 s"
     for run in runs:
         assert run.deployment_id == deployment.id and run.state.is_scheduled()
