@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -62,22 +63,26 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def empty_mlflow_store(tmp_path_factory) -> Path:
-    """An MLflow sqlite store with no runs, made once per test process: MLflow making a store
-    runs its schema migrations (1.5-2 s of CPU here, per store); a copy of the file is the
-    same empty store in milliseconds."""
+def new_mlflow_store(tmp_path_factory) -> Callable[[Path], str]:
+    """`new_mlflow_store(folder)`: an MLflow sqlite store with no runs at folder/mlflow.db;
+    returns its URI. MLflow making a store runs its schema migrations (1.5-2 s of CPU here,
+    per store): one is made per test process and each new store is a copy of it."""
     from mlflow import MlflowClient
 
-    path = tmp_path_factory.mktemp("mlflow-empty") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)
-    return path
+    empty = tmp_path_factory.mktemp("mlflow-empty") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{empty}").search_experiments(max_results=1)
+
+    def new(folder: Path) -> str:
+        shutil.copyfile(empty, folder / "mlflow.db")
+        return f"sqlite:///{folder / 'mlflow.db'}"
+
+    return new
 
 
 @pytest.fixture
-def mlflow_store(tmp_path, monkeypatch, empty_mlflow_store):
+def mlflow_store(tmp_path, monkeypatch, new_mlflow_store):
     """A fresh MLflow sqlite store (absolute path) and artifact root for one test."""
-    shutil.copyfile(empty_mlflow_store, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CHIPPRUNE_ARTIFACT_ROOT", (tmp_path / "mlartifacts").as_uri())
     monkeypatch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)

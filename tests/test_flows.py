@@ -170,7 +170,7 @@ def test_status_first_still_reproduces_a_changed_stage_and_its_downstream(repo, 
 
 
 def test_a_failing_stage_blocks_only_its_downstream(tmp_path, prefect_api, monkeypatch,
-                                                    empty_mlflow_store):
+                                                    new_mlflow_store):
     """A shell-only pipeline: `b` fails, so `c` (after b) is not run, `d` (after a) still is."""
     from pipelines.flows import PipelineFailed, pruning_pipeline
 
@@ -180,10 +180,9 @@ def test_a_failing_stage_blocks_only_its_downstream(tmp_path, prefect_api, monke
         "c": {"cmd": "cp b.txt c.txt", "deps": ["b.txt"], "outs": ["c.txt"]},
         "d": {"cmd": "cp a.txt d.txt", "deps": ["a.txt"], "outs": ["d.txt"]},
     }}))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("CHIPPRUNE_ARTIFACT_ROOT", (tmp_path / "mlartifacts").as_uri())
     git_dvc_init(tmp_path)
-    shutil.copyfile(empty_mlflow_store, tmp_path / "mlflow.db")  # untracked (tests/conftest.py)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", new_mlflow_store(tmp_path))  # untracked by git
+    monkeypatch.setenv("CHIPPRUNE_ARTIFACT_ROOT", (tmp_path / "mlartifacts").as_uri())
     state = pruning_pipeline(repo=str(tmp_path), return_state=True)
     assert state.is_failed()
     with pytest.raises(PipelineFailed, match=r"b \(failed\), c \(upstream failed\)"):
@@ -207,7 +206,7 @@ repo.lock.unlock()
 """
 
 
-def test_a_busy_dvc_lock_is_retried(tmp_path, prefect_api, monkeypatch, empty_mlflow_store):
+def test_a_busy_dvc_lock_is_retried(tmp_path, prefect_api, monkeypatch, new_mlflow_store):
     """Another DVC process holds the workspace lock past DVC's own 3 s of waiting: the stage's
     task fails with DvcLockBusy (the other process then lets go) and its retry succeeds."""
     from prefect.client.orchestration import get_client
@@ -231,10 +230,9 @@ def test_a_busy_dvc_lock_is_retried(tmp_path, prefect_api, monkeypatch, empty_ml
                         flows.reproduce_stage.with_options(retry_delay_seconds=1))
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(
         {"stages": {"a": {"cmd": "echo a > a.txt", "outs": ["a.txt"]}}}))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("CHIPPRUNE_ARTIFACT_ROOT", (tmp_path / "mlartifacts").as_uri())
     git_dvc_init(tmp_path)
-    shutil.copyfile(empty_mlflow_store, tmp_path / "mlflow.db")  # untracked (tests/conftest.py)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", new_mlflow_store(tmp_path))  # untracked by git
+    monkeypatch.setenv("CHIPPRUNE_ARTIFACT_ROOT", (tmp_path / "mlartifacts").as_uri())
     holder = subprocess.Popen([sys.executable, "-c", HOLD_DVC_LOCK, str(tmp_path), str(release)],
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -4,7 +4,6 @@ code logs through it into the sqlite store, and the server is gone afterwards.""
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import sys
 
@@ -24,11 +23,10 @@ LOG_ONE_RUN = (
 
 
 def test_a_command_logs_through_the_server_its_status_is_the_commands_and_it_stops(
-        tmp_path, monkeypatch, empty_mlflow_store):
+        tmp_path, monkeypatch, new_mlflow_store):
     """One server start (each costs seconds of CPU): the command logs a run through it and
     exits 5, which is the wrapper's status; the server is gone afterwards."""
-    shutil.copyfile(empty_mlflow_store, tmp_path / "mlflow.db")  # not its migrations again
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_mlflow_store(tmp_path)  # not its migrations again
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)

@@ -143,16 +143,18 @@ def _sweep(env: dict[str, str], **kwargs) -> tuple[str, float]:
     return done.stdout.strip().splitlines()[-1], time.monotonic() - start
 
 
+@pytest.fixture
+def scratch():
+    """The workers' TMPDIR: the killed box's flow run leaves its workspace and stage-server
+    folders behind, so they go here and this goes at the end. Short, not under tmp_path: the
+    stage server's socket path lives in it (108 bytes at most)."""
+    path = Path(tempfile.mkdtemp(prefix="pool-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.slow(cost=330)
-def test_a_sweep_on_a_pool_of_workers(tmp_path):
-    scratch = Path(tempfile.mkdtemp(prefix="pool-"))
-    try:
-        _sweep_on_a_pool(tmp_path, scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _sweep_on_a_pool(tmp_path: Path, scratch: Path) -> None:
+def test_a_sweep_on_a_pool_of_workers(tmp_path, scratch):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -175,8 +177,6 @@ def _sweep_on_a_pool(tmp_path: Path, scratch: Path) -> None:
         tmp_path, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1",
     ) as (api, env):
         env = {**env, "MLFLOW_TRACKING_URI": tracking,
-               # the killed box's flow run leaves its workspace and stage-server folders
-               # behind: in a folder of the test's (short: the server's socket lives there)
                "TMPDIR": str(scratch),
                "OMP_NUM_THREADS": "1",  # the same arithmetic in every process
                "CHIPPRUNE_ARTIFACT_ROOT": (tmp_path / "mlartifacts").as_uri()}
