@@ -30,6 +30,8 @@ HELPER = textwrap.dedent("""
     what = sys.argv[1]
     if what == "threads":
         print(torch.get_num_threads(), flush=True)
+    elif what == "imported":
+        print(" ".join(m for m in sys.argv[2:] if m in sys.modules), flush=True)
     elif what == "exit":
         sys.exit(int(sys.argv[2]))
     elif what == "raise":
@@ -102,6 +104,15 @@ def test_thread_count_follows_the_stage_environment(server, helper):
     cold = subprocess.run([sys.executable, "helper_mod.py", "threads"], cwd=helper, env=env,
                           capture_output=True, text=True, timeout=60)
     assert int(out) == int(cold.stdout)  # unset: torch's own default, as a cold process has
+
+
+def test_a_served_stage_finds_what_stages_import_at_first_use_imported(server, helper):
+    """The sqlite tracking store, onnx and torch._dynamo (a stage's first optimizer) come
+    with the fork instead of costing seconds in every stage process."""
+    first_use = ["mlflow.store.tracking.sqlalchemy_store", "onnx", "torch._dynamo"]
+    p = client(["helper_mod", "imported", *first_use], helper, served_env(server))
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, out.split()) == (0, first_use), err
 
 
 def _wait_ready(proc):

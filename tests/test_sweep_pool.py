@@ -207,8 +207,7 @@ def test_a_sweep_on_a_pool_of_workers(tmp_path, scratch):
                                            deployment_name=EXPERIMENT)
             finally:
                 stop.set()
-                for proc in workers.values():
-                    stop_group(proc, timeout=20)
+                stop_group(*workers.values(), timeout=20)
                 killer.join(timeout=600)  # its local sweep
             with get_client(sync_client=True) as client:
                 automations = client.read_automations_by_name(ZOMBIE)
