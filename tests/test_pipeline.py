@@ -203,7 +203,7 @@ def test_report_lists_every_evaluated_run(repo):
     assert len(chipnet) == 3 * 2  # learn_masks runs 2 epochs here
 
 
-def test_compare_rebuilds_the_report_from_mlflow_alone(repo):
+def test_compare_rebuilds_the_report_from_mlflow_alone(repo, monkeypatch, capsys):
     """`python -m pipelines.compare` (mlflow.search_runs, no metrics files) prints the same
     table the report stage wrote from the metrics files."""
     root, env, _ = repo
@@ -216,9 +216,12 @@ def test_compare_rebuilds_the_report_from_mlflow_alone(repo):
     pd.testing.assert_frame_equal(from_mlflow, from_files)
     assert from_mlflow["ort_speedup"].notna().all()  # each model's export run joined its row
     assert out.stdout.splitlines()[0] == (root / "results/report.md").read_text().splitlines()[0]
-    bad = subprocess.run([sys.executable, "-m", "pipelines.compare", "--experiment", "nope"],
-                         cwd=root, env=env, capture_output=True, text=True)
-    assert bad.returncode == 2 and "no MLflow experiment 'nope'" in bad.stderr
+    from pipelines.compare import main as compare  # bad input in this process (no import to pay)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    monkeypatch.chdir(root)
+    assert compare(["--experiment", "nope"]) == 2
+    assert "no MLflow experiment 'nope'" in capsys.readouterr().err
 
 
 def test_promote_aliases_the_best_version_under_a_budget_and_it_serves(repo, monkeypatch,
@@ -308,7 +311,7 @@ def test_promote_aliases_the_best_version_under_a_budget_and_it_serves(repo, mon
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
-def test_transfer_refuses_masks_of_another_architecture(repo, tmp_path):
+def test_transfer_refuses_masks_of_another_architecture(repo, tmp_path, monkeypatch, capsys):
     root, env, _ = repo
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["models"]["resnet32"] = {"arch": "resnet32", "kwargs": {"shortcut": "A"}}
@@ -323,15 +326,19 @@ def test_transfer_refuses_masks_of_another_architecture(repo, tmp_path):
 
     kw = {"num_classes": 5, "in_channels": 1, "shortcut": "A"}
     save_checkpoint(make_checkpoint(create_model("resnet32", **kw), "resnet32", kw), tmp_path / "s.pt")
+    from stages import transfer_masks
+    from stages._common import run_main  # the stage's own error contract, in this process
+
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "stages.transfer_masks", "to-even",
-         "runs/chipnet/flops-0.5-digits-resnet20", str(tmp_path / "s.pt"),
-         "data/prepared/digits_even", str(out), "--params", str(bad)],
-        cwd=root, env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert "masks are for model 'resnet20', not 'resnet32'" in proc.stderr
+    monkeypatch.chdir(root)
+    for name in ("MLFLOW_TRACKING_URI", "CHIPPRUNE_ARTIFACT_ROOT"):
+        monkeypatch.setenv(name, env[name])
+    status = run_main(transfer_masks.main, [
+        "to-even", "runs/chipnet/flops-0.5-digits-resnet20", str(tmp_path / "s.pt"),
+        "data/prepared/digits_even", str(out), "--params", str(bad)])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "masks are for model 'resnet20', not 'resnet32'" in err
     assert not out.exists()
 
 
