@@ -72,6 +72,18 @@ def repo(tmp_path_factory):
     return root, env, first
 
 
+@pytest.fixture
+def in_repo(repo, monkeypatch):
+    """This process inside the pipeline repo, with its MLflow store and artifact root, as a
+    stage or CLI run there sees them: bad-input checks call `main` here instead of paying a
+    process start that imports torch and MLflow."""
+    root, env, _ = repo
+    monkeypatch.chdir(root)
+    for name in ("MLFLOW_TRACKING_URI", "CHIPPRUNE_ARTIFACT_ROOT"):
+        monkeypatch.setenv(name, env[name])
+    return root
+
+
 def test_repro_builds_every_output(repo):
     root, _, first = repo
     prepared = root / "data/prepared/digits"
@@ -203,7 +215,7 @@ def test_report_lists_every_evaluated_run(repo):
     assert len(chipnet) == 3 * 2  # learn_masks runs 2 epochs here
 
 
-def test_compare_rebuilds_the_report_from_mlflow_alone(repo, monkeypatch, capsys):
+def test_compare_rebuilds_the_report_from_mlflow_alone(repo, in_repo, capsys):
     """`python -m pipelines.compare` (mlflow.search_runs, no metrics files) prints the same
     table the report stage wrote from the metrics files."""
     root, env, _ = repo
@@ -216,15 +228,13 @@ def test_compare_rebuilds_the_report_from_mlflow_alone(repo, monkeypatch, capsys
     pd.testing.assert_frame_equal(from_mlflow, from_files)
     assert from_mlflow["ort_speedup"].notna().all()  # each model's export run joined its row
     assert out.stdout.splitlines()[0] == (root / "results/report.md").read_text().splitlines()[0]
-    from pipelines.compare import main as compare  # bad input in this process (no import to pay)
+    from pipelines.compare import main as compare  # bad input: in this process (in_repo)
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-    monkeypatch.chdir(root)
     assert compare(["--experiment", "nope"]) == 2
     assert "no MLflow experiment 'nope'" in capsys.readouterr().err
 
 
-def test_promote_aliases_the_best_version_under_a_budget_and_it_serves(repo, monkeypatch,
+def test_promote_aliases_the_best_version_under_a_budget_and_it_serves(repo, in_repo,
                                                                      capsys):
     """Every evaluated model was registered by the export stage; `pipelines.compare --promote`
     aliases the best one under the budget; `mlflow models serve` of that alias answers with
@@ -255,10 +265,8 @@ def test_promote_aliases_the_best_version_under_a_budget_and_it_serves(repo, mon
     # the transfer pair's student (chipnet masks at flops-0.5) is its dataset's only candidate
     assert client.get_model_version_by_alias("digits_even-resnet20", "best-flops-0_5").tags[
         "run"] == "transfer-to-even"
-    from pipelines.compare import main as compare  # bad input in this process: the CLI's
-    # own code and exit status, without three more process starts importing MLflow
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-    monkeypatch.chdir(root)
+    from pipelines.compare import main as compare  # bad input: in this process (in_repo)
+
     for argv, message in ((["--promote", "flops"], "expected TYPE-TARGET"),
                           (["--promote", "flops-0.01"], "no registered model version was pruned"),
                           (["--promote", "flops-0.5", "--alias", "v2"], "reserved")):
@@ -311,9 +319,8 @@ def test_promote_aliases_the_best_version_under_a_budget_and_it_serves(repo, mon
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
-def test_transfer_refuses_masks_of_another_architecture(repo, tmp_path, monkeypatch, capsys):
-    root, env, _ = repo
-    params = yaml.safe_load((root / "params.yaml").read_text())
+def test_transfer_refuses_masks_of_another_architecture(in_repo, tmp_path, capsys):
+    params = yaml.safe_load((in_repo / "params.yaml").read_text())
     params["models"]["resnet32"] = {"arch": "resnet32", "kwargs": {"shortcut": "A"}}
     params["dense"]["models"].append("resnet32")
     params["prune"]["models"].append("resnet32")  # the pair's model must be in the grid
@@ -327,12 +334,9 @@ def test_transfer_refuses_masks_of_another_architecture(repo, tmp_path, monkeypa
     kw = {"num_classes": 5, "in_channels": 1, "shortcut": "A"}
     save_checkpoint(make_checkpoint(create_model("resnet32", **kw), "resnet32", kw), tmp_path / "s.pt")
     from stages import transfer_masks
-    from stages._common import run_main  # the stage's own error contract, in this process
+    from stages._common import run_main  # the stage's own error contract (in_repo)
 
     out = tmp_path / "out"
-    monkeypatch.chdir(root)
-    for name in ("MLFLOW_TRACKING_URI", "CHIPPRUNE_ARTIFACT_ROOT"):
-        monkeypatch.setenv(name, env[name])
     status = run_main(transfer_masks.main, [
         "to-even", "runs/chipnet/flops-0.5-digits-resnet20", str(tmp_path / "s.pt"),
         "data/prepared/digits_even", str(out), "--params", str(bad)])
