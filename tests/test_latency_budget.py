@@ -144,7 +144,7 @@ def test_table_holds_the_timer_at_grid_points_and_equal_ops_are_timed_once(resne
     )
     assert len(calls) == len(set(calls)) == table.meta["timings"]
     dense = model.describe().widths()
-    assert models == [dense, check_widths(dense, 8)]
+    assert models == [dense, check_widths(dense, 8)]  # the check, after a dense timing
     assert models[1] == {g: w // 2 for g, w in dense.items()}  # 8 / 16 / 32
     assert table.model_ms == expected_ms(model, dense)
 
@@ -187,7 +187,8 @@ def test_calibration_fits_rest_scale_and_call_to_whole_models_and_holds_out_the_
     vanishing = {g for br in branches for g in br}
     assert any(w[g] == 0 for w in calib[2:6:2] for g in vanishing)  # some branches removed
     assert all(w[g] > 0 for w in calib[3:6:2] for g in vanishing)  # every other one: none
-    assert timed == [dense, check_widths(dense, 8), *calib]  # one round, in this order
+    # one round: each whole model right after the dense one, in this order
+    assert timed == [m for w in (check_widths(dense, 8), *calib) for m in (dense, w)]
     assert len(calib) == 8 and calib[0]["layer3"] == 16 and calib[1]["layer3"] == 48
     # then every other branch gone, the rest dense; last, every branch gone, the rest at its
     # narrowest grid point above 1 (8 for every group: the
@@ -217,6 +218,31 @@ def test_calibration_fits_rest_scale_and_call_to_whole_models_and_holds_out_the_
     # scale and call survive the file
     again = LatencyTable.from_dict(table.as_dict())
     assert (again.scale, again.call_ms) == (table.scale, table.call_ms)
+
+
+def test_whole_models_are_timed_against_the_dense_model_timed_next_to_them(resnet20):
+    """A slow spell that starts after the first (dense, check model) pair and never lifts
+    (every later timing 1.4x, as seen in a ResNet-20 profile at batch 1): each whole model is
+    its fraction of the dense time beside it in its fastest pair, times the dense model's
+    best time, so the calibration and the check read the true times (3 ms + 0.6 x layers +
+    0.05 per layer) and the fit is exact. Each model's fastest time alone would set the
+    spell's calibration models against the fast dense one (before: scale 0 on real timings)."""
+    model, _, _ = resnet20
+    dense = model.describe().widths()
+    calls = []
+
+    def whole(w):
+        calls.append(w)
+        return (1.4 if len(calls) > 2 else 1.0) * (
+            3.0 + 0.6 * layer_sum(model, w) + 0.05 * alive_layers(model, w))
+
+    table = profile_model(model, SHAPE, 4, step=8, timer=bilinear_timer, model_timer=whole,
+                          calibration=4, rounds=2)
+    assert len(calls) == 36  # (dense, model) for the check and 8 calibration models, twice
+    assert table.model_ms == pytest.approx(3.0 + 0.6 * layer_sum(model, dense) + 0.05 * 19)
+    assert (table.rest_ms, table.scale, table.call_ms) == (
+        pytest.approx(3.0, rel=1e-9), pytest.approx(0.6, rel=1e-9), pytest.approx(0.05, rel=1e-9))
+    assert table.meta["check"]["error"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_fit_latency_model_is_least_squares_held_to_a_monotone_prediction():

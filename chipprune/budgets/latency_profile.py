@@ -140,11 +140,17 @@ def profile_model(
     out. With 0, scale is 1, call 0 and rest closes the dense model's gap exactly. (A fit on
     the dense and half models alone was tried before: two points, one of them the check.)
 
-    Each point and both models are timed once per round, in the same order every round,
-    and the fastest round is kept (each round's figure is itself a median of repeats): load
-    from other processes only ever adds time, so on a shared machine the least disturbed
-    round is the best estimate, and a burst of load spoils one round of every point instead
-    of every repeat of a few points."""
+    Each point is timed once per round, in the same order every round, and the fastest
+    round is kept (each round's figure is itself a median of repeats): load from other
+    processes only ever adds time, so on a shared machine the least disturbed round is the
+    best estimate, and a burst of load spoils one round of every point instead of every
+    repeat of a few points. Each other whole model is timed right after the dense one, and
+    taken as its fraction of that dense time in the round where the pair was fastest, times
+    the dense model's best time: a slow spell that outlasts a round (seen here: ResNet-20 at
+    batch 1, every narrowed model of one profile 20-40% slower than the same models timed
+    in a fresh process, the dense one timed before the spell) scales both alike, where the
+    fastest time of each alone set a slow model against a fast dense one, and the fit then
+    read width as free (scale 0)."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     spec, plan = _layer_plan(model, input_size)
@@ -165,15 +171,21 @@ def profile_model(
     half_w = check_widths(dense_w, step)
     calib = calibration_widths(dense_w, step, calibration, [br.groups for br in spec.branches]) \
         if calibration > 0 else []
-    whole: dict[str, list[float]] = {"dense": [], "half": [], **{i: [] for i in range(len(calib))}}
+    others = {"half": half_w, **dict(enumerate(calib))}
+    pairs: dict[Any, list[tuple[float, float]]] = {k: [] for k in others}  # (dense, model)
     for _ in range(rounds):
-        whole["dense"].append(float(model_timer(dense_w)))
         for (op, a, b), times in points.items():
             times.append(float(timer(op, a, b, batch_size)))
-        whole["half"].append(float(model_timer(half_w)))
-        for i, w in enumerate(calib):
-            whole[i].append(float(model_timer(w)))
+        for key, w in others.items():
+            pairs[key].append((float(model_timer(dense_w)), float(model_timer(w))))
     best = {k: min(v) for k, v in points.items()}
+    model_ms = min(d for p in pairs.values() for d, _ in p)
+
+    def measured(key) -> float:
+        """The model's time as a fraction of the dense model timed just before it, in the
+        least disturbed round (the pair's least sum), times the dense model's best time."""
+        d, m = min(pairs[key], key=sum)
+        return m / d * model_ms
     layers = []
     for name, group, in_group, in_w, out_w, op, when in grids:
         ms = torch.tensor(
@@ -192,7 +204,7 @@ def profile_model(
                 when,
             )
         )
-    model_ms, half_ms = min(whole["dense"]), min(whole["half"])
+    half_ms = measured("half")
     table = LatencyTable(
         layers=tuple(layers),
         model_ms=model_ms,
@@ -214,16 +226,16 @@ def profile_model(
 
     if calib:
         sums, alive = zip(*(terms(w) for w in (dense_w, *calib)), strict=True)
-        measured = [model_ms, *(min(whole[i]) for i in range(len(calib)))]
+        times = [model_ms, *(measured(i) for i in range(len(calib)))]
         table.rest_ms, table.scale, table.call_ms = fit_latency_model(
-            sums, alive, measured, table.min_entry_ms)
+            sums, alive, times, table.min_entry_ms)
         fitted = [table.rest_ms + table.scale * x + table.call_ms * n
                   for x, n in zip(sums, alive, strict=True)]
         table.meta["calibration"] = {
             "models": len(sums), "random_models": calibration, "layer_sum_ms": list(sums),
-            "alive_layers": list(alive), "measured_ms": measured, "rest_ms": table.rest_ms,
+            "alive_layers": list(alive), "measured_ms": times, "rest_ms": table.rest_ms,
             "scale": table.scale, "call_ms": table.call_ms,
-            "max_fit_error": max(abs(f / m - 1.0) for f, m in zip(fitted, measured, strict=True)),
+            "max_fit_error": max(abs(f / m - 1.0) for f, m in zip(fitted, times, strict=True)),
         }
     predicted = float(table.predict_ms(torch.tensor([half_w[g] for g in groups]), groups))
     table.meta["check"] = {
