@@ -48,7 +48,12 @@ import torch
 from chipprune.budgets.counting import measure_cost
 from chipprune.budgets.exact import BudgetModel
 from chipprune.budgets.latency import median_latency_ms
-from chipprune.budgets.latency_profile import TorchTimer, best_checked, profile_model
+from chipprune.budgets.latency_profile import (
+    TorchTimer,
+    best_checked,
+    profile_model,
+    weight_cost_bound,
+)
 from chipprune.budgets.rates import rates_to_widths
 from chipprune.budgets.thresholding import keep_at_budget
 from chipprune.config import LatencyBudgetConfig
@@ -280,6 +285,7 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
                 timer=timer,
                 rounds=args.rounds,
                 calibration=args.calibration,
+                weight_ms_per_mb_max=weight_cost_bound(device),
                 model_timer=timer.model_timer(build, shape, bs),
             ),
             args.attempts,
@@ -314,6 +320,7 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
         print(
             f"{'':<26}table ({runtime}): dense {table.model_ms:.3f} ms, rest "
             f"{table.rest_ms:.3f} ms, scale {table.scale:.3f}, call {table.call_ms:+.4f} ms, "
+            f"weights {table.weight_ms_per_mb:.4f} ms/MB, "
             f"{table.meta['timings']} timings (step {step}, round_to {round_to}); "
             f"its half-width check {check['error']:+.1%} (attempts: "
             f"{tried})",

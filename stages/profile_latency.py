@@ -28,7 +28,13 @@ import torch
 
 from chipprune.atomic import write_json
 from chipprune.budgets.latency import latency_by_format
-from chipprune.budgets.latency_profile import TorchTimer, best_checked, device_meta, profile_model
+from chipprune.budgets.latency_profile import (
+    TorchTimer,
+    best_checked,
+    device_meta,
+    profile_model,
+    weight_cost_bound,
+)
 from chipprune.budgets.latency_table import NOT_PROFILED
 from chipprune.config import ConfigError, load_params, parse_budget_label
 from chipprune.data import load_prepared
@@ -144,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
                 model_timer=timer.model_timer(build, shape, cfg.batch_size),
                 rounds=cfg.rounds,
                 calibration=cfg.calibration,
+                weight_ms_per_mb_max=weight_cost_bound(device),
                 meta={
                     "model": args.model,
                     "runtime": cfg.runtime,
@@ -176,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                 "rest_ms": table.rest_ms,
                 "scale": table.scale,
                 "call_ms": table.call_ms,
+                "weight_ms_per_mb": table.weight_ms_per_mb,
                 "check_error": check["error"],
                 "timings": table.meta["timings"],
                 "profile_seconds": seconds,
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{name}: {len(table.layers)} layers, {table.meta['timings']} timings x {cfg.rounds} "
         f"rounds in {seconds:.1f}s on {device} ({cfg.runtime}, {fmt}, batch {cfg.batch_size}); "
         f"dense {table.model_ms:.3f} ms, rest {table.rest_ms:.3f} ms, scale {table.scale:.3f}, "
-        f"call {table.call_ms:+.4f} ms; "
+        f"call {table.call_ms:+.4f} ms, weights {table.weight_ms_per_mb:.4f} ms/MB; "
         "half-width model predicted "
         f"{check['predicted_ms']:.3f} ms, measured {check['measured_ms']:.3f} ms "
         f"({check['error']:+.1%})",

@@ -245,6 +245,62 @@ def test_whole_models_are_timed_against_the_dense_model_timed_next_to_them(resne
     assert table.meta["check"]["error"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_calibration_fits_the_cost_of_weights_streamed_from_memory(resnet20):
+    """Whole models in which a layer costs at least its weights' MB x 32 ms (the wide 64 x 64
+    convs of layer3: 0.147 MB, 4.7 ms against 2.4 ms timed alone; narrow layers keep their
+    lone time): the fit picks 32 from its grid under the bound 50 (50 x 0.8^2) with rest 3,
+    scale 0.6 and call 0.05, and predicts any model exactly; with no bound the term is off
+    and the calibration models no longer fit exactly."""
+    model, _, _ = resnet20
+    dense = model.describe().widths()
+
+    def streamed(op: ConvOp, a: int, b: int, batch: int) -> float:
+        mb = op.kernel[0] * op.kernel[1] * 4e-6 * (b if op.depthwise else a * b / op.groups)
+        return max(bilinear_timer(op, a, b, batch), 32.0 * mb)
+
+    def whole(w):
+        return 3.0 + 0.6 * layer_sum(model, w, streamed) + 0.05 * alive_layers(model, w)
+
+    assert layer_sum(model, dense, streamed) > layer_sum(model, dense)  # the term binds
+    table = profile_model(model, SHAPE, 4, step=8, timer=bilinear_timer, model_timer=whole,
+                          calibration=4, weight_ms_per_mb_max=50.0)
+    assert table.weight_ms_per_mb == pytest.approx(32.0, rel=1e-12)
+    assert (table.rest_ms, table.scale, table.call_ms) == (
+        pytest.approx(3.0, rel=1e-9), pytest.approx(0.6, rel=1e-9), pytest.approx(0.05, rel=1e-9))
+    assert table.meta["calibration"]["weight_ms_per_mb"] == table.weight_ms_per_mb
+    assert table.meta["check"]["error"] == pytest.approx(0.0, abs=1e-9)
+    assert table.dense_predicted_ms == pytest.approx(whole(dense), rel=1e-9)
+    bm = BudgetModel.from_model(model, SHAPE, latency=table)
+    narrow = {**dense, "layer3": 40, "layer3.1.conv1": 24, "layer2.2.conv1": 0}
+    assert bm.cost("latency", narrow) == pytest.approx(whole(narrow), rel=1e-9)
+    # soft widths: differentiable through the max
+    soft = torch.tensor([float(dense[g]) - 0.5 for g in bm.groups], requires_grad=True)
+    bm.cost("latency", soft).backward()
+    assert bool((soft.grad >= 0).all()) and float(soft.grad.sum()) > 0
+    off = profile_model(model, SHAPE, 4, step=8, timer=bilinear_timer, model_timer=whole,
+                        calibration=4)
+    assert off.weight_ms_per_mb == 0.0 and off.meta["calibration"]["max_fit_error"] > 0.01
+    # the term survives the file; older tables have none; a negative one is refused
+    doc = table.as_dict()
+    assert LatencyTable.from_dict(doc).weight_ms_per_mb == table.weight_ms_per_mb
+    assert LatencyTable.from_dict(
+        {k: v for k, v in doc.items() if k != "weight_ms_per_mb"}).weight_ms_per_mb == 0.0
+    with pytest.raises(LatencyTableError, match="weight_ms_per_mb"):
+        LatencyTable.from_dict({**doc, "weight_ms_per_mb": -1.0})
+
+
+def test_the_weight_cost_bound_is_a_few_reads_of_memory():
+    """A measured read of a buffer larger than the caches, once per process: between 0.1 GB/s
+    and 10 TB/s a read, and the bound WEIGHT_PASSES of them."""
+    from chipprune.budgets.latency import memory_read_ms_per_mb
+    from chipprune.budgets.latency_profile import WEIGHT_PASSES, weight_cost_bound
+
+    cpu = torch.device("cpu")
+    read = memory_read_ms_per_mb(cpu)
+    assert 1e-4 < read < 10.0 and memory_read_ms_per_mb(cpu) == read  # measured once
+    assert weight_cost_bound(cpu) == WEIGHT_PASSES * read
+
+
 def test_fit_latency_model_is_least_squares_held_to_a_monotone_prediction():
     def fit(sums, measured, alive=None, min_layer_ms=0.0):
         return fit_latency_model(sums, alive or [10.0] * len(sums), measured, min_layer_ms)

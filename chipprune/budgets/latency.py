@@ -157,3 +157,13 @@ def latency_metrics(
             metrics[f"dense_latency_ms_bs{bs}"] = ref
             metrics[f"speedup_bs{bs}"] = ref / ms[fmt]
     return metrics, best
+
+
+@functools.cache
+def memory_read_ms_per_mb(device: torch.device, mb: int = 256) -> float:
+    """What reading a MB (10^6 bytes) of memory costs on `device`, in ms: the median of 7 sums
+    of a float32 buffer of `mb` MB, larger than the caches, after one untimed sum. Once per
+    process and device."""
+    x = torch.ones(mb * 250_000, device=device)
+    ms = median_ms(lambda: x.sum(), 1, 7, min_ms=0.0, sync=lambda: _sync(device))
+    return ms / mb

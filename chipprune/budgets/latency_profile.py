@@ -39,6 +39,20 @@ def _nearest(dense: int, step: int, fraction: float) -> int:
     return min(grid, key=lambda w: (abs(w - fraction * dense), -w))
 
 
+# The most passes over a layer's weights per forward the weight cost may stand for: eager
+# PyTorch's oneDNN convs reorder their weights on every call (a read, a write and a read of
+# the copy); measured here inside VGG-16-BN at batch 1, 0.09 ms per MB where one read of
+# memory costs 0.03 ms per MB. ONNX Runtime packs weights once, at session start.
+WEIGHT_PASSES = 4
+
+
+def weight_cost_bound(device: torch.device) -> float:
+    """The bound on a table's weight cost, ms per MB: WEIGHT_PASSES reads of memory."""
+    from chipprune.budgets.latency import memory_read_ms_per_mb
+
+    return WEIGHT_PASSES * memory_read_ms_per_mb(device)
+
+
 def check_widths(dense: Mapping[str, int], step: int) -> dict[str, int]:
     """The second model `profile_model` times whole: every group at the grid point nearest
     half its dense width (ties: the wider), about a quarter of the dense MACs."""
@@ -126,6 +140,7 @@ def profile_model(
     model_timer: Callable[[Mapping[str, int]], float],
     rounds: int = 1,
     calibration: int = 0,
+    weight_ms_per_mb_max: float = 0.0,
     meta: Mapping[str, Any] | None = None,
 ) -> LatencyTable:
     """The table of a dense `model`: `timer(op, n_in, n_out, batch_size)` at every grid
@@ -137,7 +152,10 @@ def profile_model(
     plus `calibration` random ones and, with removable branches, one with every other branch
     gone and one with all of them gone) are timed too, and rest, scale and the per-layer call are fitted to them and the
     dense model (`fit_latency_model`; `meta["calibration"]`); the half-width check stays held
-    out. With 0, scale is 1, call 0 and rest closes the dense model's gap exactly. (A fit on
+    out. With `weight_ms_per_mb_max` > 0 (`weight_cost_bound`) the fit also picks the cost of
+    a MB of weights streamed from memory (`LatencyTable.weight_ms_per_mb`), at most that:
+    where a layer's weights cost more than its lone time, they bound it. With 0, scale is
+    1, call 0 and rest closes the dense model's gap exactly. (A fit on
     the dense and half models alone was tried before: two points, one of them the check.)
 
     Each point is timed once per round, in the same order every round, and the fastest
@@ -225,16 +243,31 @@ def profile_model(
         return float((values * alive).sum()), float(alive.sum())
 
     if calib:
-        sums, alive = zip(*(terms(w) for w in (dense_w, *calib)), strict=True)
         times = [model_ms, *(measured(i) for i in range(len(calib)))]
-        table.rest_ms, table.scale, table.call_ms = fit_latency_model(
-            sums, alive, times, table.min_entry_ms)
+
+        def fit(weight_ms_per_mb: float):  # (squared error, weight cost, rest, scale, call)
+            table.weight_ms_per_mb = weight_ms_per_mb
+            sums, alive = zip(*(terms(w) for w in (dense_w, *calib)), strict=True)
+            rest, scale, call = fit_latency_model(sums, alive, times, table.min_entry_ms)
+            error = sum((rest + scale * x + call * n - m) ** 2
+                        for x, n, m in zip(sums, alive, times, strict=True))
+            return error, weight_ms_per_mb, rest, scale, call
+
+        # the weight cost is the one term the prediction is not linear in: the best of a
+        # geometric grid under its bound, 0 (off) first, so it is on only where it fits better
+        candidates = [0.0] + [weight_ms_per_mb_max * 0.8**i for i in range(25)] \
+            if weight_ms_per_mb_max > 0.0 else [0.0]
+        _, table.weight_ms_per_mb, table.rest_ms, table.scale, table.call_ms = min(
+            (fit(c) for c in candidates), key=lambda f: f[0])
+        sums, alive = zip(*(terms(w) for w in (dense_w, *calib)), strict=True)
         fitted = [table.rest_ms + table.scale * x + table.call_ms * n
                   for x, n in zip(sums, alive, strict=True)]
         table.meta["calibration"] = {
             "models": len(sums), "random_models": calibration, "layer_sum_ms": list(sums),
             "alive_layers": list(alive), "measured_ms": times, "rest_ms": table.rest_ms,
             "scale": table.scale, "call_ms": table.call_ms,
+            "weight_ms_per_mb": table.weight_ms_per_mb,
+            "weight_ms_per_mb_max": weight_ms_per_mb_max,
             "max_fit_error": max(abs(f / m - 1.0) for f, m in zip(fitted, times, strict=True)),
         }
     predicted = float(table.predict_ms(torch.tensor([half_w[g] for g in groups]), groups))

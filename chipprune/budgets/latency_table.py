@@ -22,7 +22,8 @@ branch is gone). Timings are made monotone (a running max along both axes), so a
 channel never makes the prediction faster and the budget thresholding stays a search on a
 monotone function.
 
-    predicted(w) = rest + sum_l alive_l(w) * (scale * T_l(w_in(l), w_out(l)) + call)
+    predicted(w) = rest + sum_l alive_l(w) * (scale * max(T_l(w_in(l), w_out(l)),
+                                                       weight_ms_per_mb * P_l(w)) + call)
 
 T_l is the bilinear interpolation of layer l's table (linear extrapolation outside the
 grid, so soft widths below 1 keep a gradient); alive_l is the orphan-removal factor of the
@@ -36,7 +37,14 @@ layout and back, PyTorch's caches are cold, each timed call has its own dispatch
 of the layers overstates every model, by more the wider it is (`scale` < 1), and by a fixed
 amount per layer (`call` < 0); or a layer costs the model more than its own time, a dispatch
 or a layout change between layers that no single layer shows (`call` > 0), which is what a
-removed branch saves at batch 1 whatever its widths. A second
+removed branch saves at batch 1 whatever its widths. P_l is the MB of the layer's weights
+at those widths and `weight_ms_per_mb` what streaming a MB of weights costs inside the model
+(fitted, at most `WEIGHT_PASSES` reads at the measured memory bandwidth; 0: off): timed alone,
+a layer's weights stay in cache between repeats; inside a model whose weights outgrow the
+cache they come from memory on every forward, and at batch 1 that bounds the wide layers
+(VGG-16-BN at batch 1 in channels_last here: its 2x2 convs took 1.8-2.1x their lone time
+inside the model, about 0.09 ms per MB of weights at every width, where one read of memory
+costs 0.03 ms per MB). A second
 whole model, every width about halved, is timed too and the table's prediction for it
 recorded (`meta["check"]`): the table's held-out error. The hard form (integer widths on the grid: `step` = `prune.round_to`) is an
 exact sum of table entries; the soft form is the same function of float tensors and equals
@@ -135,6 +143,16 @@ class LayerTable:
         """The entry at a grid point."""
         return self.ms[self.in_widths.index(n_in)][self.out_widths.index(n_out)]
 
+    @property
+    def weight_mb_per_width(self) -> float:
+        """MB of float32 weights per (in-width x out-width) pair; per out-width if depthwise."""
+        kh, kw = self.op.kernel
+        return kh * kw * 4e-6 / (1 if self.op.depthwise else self.op.groups)
+
+    def weight_mb(self, n_in: float, n_out: float) -> float:
+        """MB of the conv's float32 weights at these widths (bias and BN left out)."""
+        return self.weight_mb_per_width * (n_out if self.op.depthwise else n_in * n_out)
+
 
 class _TimedLayer(nn.Module):
     """conv [-> BN] [-> + residual] [-> ReLU], as a residual block runs its last conv:
@@ -229,13 +247,16 @@ class LatencyTable:
     _compiled: dict = field(default_factory=dict, repr=False, compare=False)
     scale: float = 1.0  # on the layers' sum; fitted to whole models when calibrated
     call_ms: float = 0.0  # per alive layer, on top of its scaled entry; fitted likewise
+    weight_ms_per_mb: float = 0.0  # a layer costs at least its weights' MB times this
 
     @property
     def dense_predicted_ms(self) -> float:
         """The prediction at the dense widths (every layer at its last grid point, alive):
         what latency fractions are fractions of. model_ms itself when uncalibrated."""
-        return (self.rest_ms + self.scale * sum(lt.ms[-1][-1] for lt in self.layers)
-                + self.call_ms * len(self.layers))
+        return (self.rest_ms + self.call_ms * len(self.layers) + self.scale * sum(
+            max(lt.ms[-1][-1], self.weight_ms_per_mb * lt.weight_mb(lt.in_widths[-1],
+                                                                    lt.out_widths[-1]))
+            for lt in self.layers))
 
     @property
     def min_entry_ms(self) -> float:
@@ -283,6 +304,8 @@ class LatencyTable:
         when = torch.full((L, k), one, dtype=torch.long)
         in_slot, out_slot = torch.full((L,), one), torch.full((L,), one)
         in_scale, out_scale = torch.ones(L, dtype=torch.float64), torch.ones(L, dtype=torch.float64)
+        mb = torch.tensor([lt.weight_mb_per_width for lt in self.layers], dtype=torch.float64)
+        depthwise = torch.tensor([lt.op.depthwise for lt in self.layers])
         for row, lt in enumerate(self.layers):
             ai, ao = axis(lt.in_widths), axis(lt.out_widths)
             gi[row, : len(ai)], go[row, : len(ao)] = torch.tensor(ai), torch.tensor(ao)
@@ -301,7 +324,8 @@ class LatencyTable:
             when[row, : len(lt.when)] = torch.tensor([slot[g] for g in lt.when], dtype=torch.long)
         out = tuple(
             t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-            for t in (gi, go, tab, last_i, last_o, in_slot, out_slot, in_scale, out_scale, when)
+            for t in (gi, go, tab, last_i, last_o, in_slot, out_slot, in_scale, out_scale, when,
+                      mb, depthwise)
         )
         self._compiled[key] = out
         return out
@@ -309,14 +333,17 @@ class LatencyTable:
     def layer_terms(self, widths: torch.Tensor,
                     groups: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per layer at `widths` (a (G,) tensor in `groups` order): its interpolated table
-        entry and its alive factor, two (L,) tensors in the widths' float dtype."""
+        entry, or its weights' streaming time where that is more, and its alive factor, two
+        (L,) tensors in the widths' float dtype."""
         w = widths if widths.is_floating_point() else widths.to(torch.float64)
-        gi, go, tab, last_i, last_o, in_slot, out_slot, in_scale, out_scale, when = self._compile(
-            groups, w.device, w.dtype
-        )
+        (gi, go, tab, last_i, last_o, in_slot, out_slot, in_scale, out_scale, when, mb,
+         depthwise) = self._compile(groups, w.device, w.dtype)
         ext = torch.cat([w, w.new_ones(1)])  # (G + 1,)
         x, y = ext[in_slot] * in_scale, ext[out_slot] * out_scale  # (L,) each
         values = _bilinear(gi, go, tab, last_i, last_o, x, y)
+        if self.weight_ms_per_mb > 0.0:
+            weights_mb = mb * torch.where(depthwise, y, x * y)
+            values = torch.maximum(values, self.weight_ms_per_mb * weights_mb)
         return values, ext.clamp(max=1.0)[when].prod(dim=1)
 
     def predict_ms(self, widths: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:
@@ -361,6 +388,7 @@ class LatencyTable:
         return {
             "format": FORMAT, "meta": self.meta, "model_ms": self.model_ms,
             "rest_ms": self.rest_ms, "scale": self.scale, "call_ms": self.call_ms,
+            "weight_ms_per_mb": self.weight_ms_per_mb,
             "layers": [{**{k: v for k, v in asdict(lt).items() if k != "op"},
                         "op": asdict(lt.op)} for lt in self.layers],
         }  # fmt: skip
@@ -401,9 +429,13 @@ class LatencyTable:
             scale = float(d.get("scale", 1.0))  # tables made before calibration: 1
             if not scale >= 0.0:
                 raise ValueError(f"scale {scale} is not >= 0")
+            weight_ms = float(d.get("weight_ms_per_mb", 0.0))  # older tables: 0
+            if not weight_ms >= 0.0:
+                raise ValueError(f"weight_ms_per_mb {weight_ms} is not >= 0")
             table = cls(tuple(layers), float(d["model_ms"]), float(d["rest_ms"]),
                         dict(d["meta"]), source, scale=scale,
-                        call_ms=float(d.get("call_ms", 0.0)))  # older tables: 0
+                        call_ms=float(d.get("call_ms", 0.0)),  # older tables: 0
+                        weight_ms_per_mb=weight_ms)
             if not table.call_ms >= table.min_call_ms - 1e-12:
                 raise ValueError(f"call_ms {table.call_ms} is below {table.min_call_ms} "
                                  "(a layer would cost less than nothing)")
