@@ -245,23 +245,21 @@ def profile_model(
     if calib:
         times = [model_ms, *(measured(i) for i in range(len(calib)))]
 
-        def fit(weight_ms_per_mb: float):  # (squared error, weight cost, rest, scale, call)
+        def fit(weight_ms_per_mb: float):  # (squared error, weight cost, fit, terms, fitted)
             table.weight_ms_per_mb = weight_ms_per_mb
             sums, alive = zip(*(terms(w) for w in (dense_w, *calib)), strict=True)
             rest, scale, call = fit_latency_model(sums, alive, times, table.min_entry_ms)
-            error = sum((rest + scale * x + call * n - m) ** 2
-                        for x, n, m in zip(sums, alive, times, strict=True))
-            return error, weight_ms_per_mb, rest, scale, call
+            fitted = [rest + scale * x + call * n for x, n in zip(sums, alive, strict=True)]
+            error = sum((f - m) ** 2 for f, m in zip(fitted, times, strict=True))
+            return error, weight_ms_per_mb, (rest, scale, call), (sums, alive), fitted
 
         # the weight cost is the one term the prediction is not linear in: the best of a
         # geometric grid under its bound, 0 (off) first, so it is on only where it fits better
         candidates = [0.0] + [weight_ms_per_mb_max * 0.8**i for i in range(25)] \
             if weight_ms_per_mb_max > 0.0 else [0.0]
-        _, table.weight_ms_per_mb, table.rest_ms, table.scale, table.call_ms = min(
+        _, table.weight_ms_per_mb, coefficients, (sums, alive), fitted = min(
             (fit(c) for c in candidates), key=lambda f: f[0])
-        sums, alive = zip(*(terms(w) for w in (dense_w, *calib)), strict=True)
-        fitted = [table.rest_ms + table.scale * x + table.call_ms * n
-                  for x, n in zip(sums, alive, strict=True)]
+        table.rest_ms, table.scale, table.call_ms = coefficients
         table.meta["calibration"] = {
             "models": len(sums), "random_models": calibration, "layer_sum_ms": list(sums),
             "alive_layers": list(alive), "measured_ms": times, "rest_ms": table.rest_ms,
