@@ -271,7 +271,7 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
         else:
             probe = Bench(device, dtype, args.repeats)
             probe.add("dense", create_model(name, **kw), shape)
-            probe.run([bs], 1, quiet=True)
+            probe.run([bs], args.rounds, quiet=True)  # one round picked NCHW by noise
             fmt = min(FORMATS, key=lambda f: probe.ms("dense", bs, f))
             timer = TorchTimer(device, fmt, warmup=3, repeats=args.repeats, dtype=dtype)
             bench = Bench(device, dtype, args.repeats)

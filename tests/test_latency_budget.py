@@ -117,11 +117,16 @@ def test_width_grid():
 def test_whole_models_keep_off_one_channel_widths():
     """The check and calibration models take grid points above 1 where a group has one: a
     quarter of 16 on a step-8 grid is 8, not 1 (nearer 4, but a corner no pruning with
-    round_to > 1 reaches); a one-channel group stays at 1."""
+    round_to > 1 reaches); a one-channel group stays at 1. Random ones never draw 1 either
+    (VGG-16-BN at batch 1: a model with one 1-channel layer ran 9-22% over its fit, every
+    profile, and pulled the fit off)."""
     dense = {"a": 16, "b": 64, "c": 1, "d": 3}
-    quarter, three_quarters = calibration_widths(dense, 8, 0)
+    quarter, three_quarters, *random_ = calibration_widths(dense, 8, 50)
     assert quarter == {"a": 8, "b": 16, "c": 1, "d": 3}
     assert three_quarters == {"a": 16, "b": 48, "c": 1, "d": 3}
+    assert {w["a"] for w in random_} == {8, 16} and {w["d"] for w in random_} == {3}
+    assert {w["c"] for w in random_} == {1}
+    assert {w["b"] for w in random_} == {8, 16, 24, 32, 40, 48, 56, 64}
     assert check_widths(dense, 8) == {"a": 8, "b": 32, "c": 1, "d": 3}
     assert check_widths({"a": 16}, 16) == {"a": 16}
 
@@ -187,6 +192,7 @@ def test_calibration_fits_rest_scale_and_call_to_whole_models_and_holds_out_the_
     vanishing = {g for br in branches for g in br}
     assert any(w[g] == 0 for w in calib[2:6:2] for g in vanishing)  # some branches removed
     assert all(w[g] > 0 for w in calib[3:6:2] for g in vanishing)  # every other one: none
+    assert all(w[g] != 1 for w in calib for g in w)  # no one-channel corners
     # one round: each whole model right after the dense one, in this order
     assert timed == [m for w in (check_widths(dense, 8), *calib) for m in (dense, w)]
     assert len(calib) == 8 and calib[0]["layer3"] == 16 and calib[1]["layer3"] == 48

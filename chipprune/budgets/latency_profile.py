@@ -35,7 +35,7 @@ def _nearest(dense: int, step: int, fraction: float) -> int:
     for a one-channel group: a one-channel layer is a corner no pruning with round_to > 1
     reaches, and whole models built on it pull the fit to that corner (ResNet-56 with its
     16-wide stage at width 1 missed its fit by 25% in ONNX Runtime at batch 256)."""
-    grid = [w for w in width_grid(dense, step) if w > 1] or [1]
+    grid = _no_single_channel(width_grid(dense, step))
     return min(grid, key=lambda w: (abs(w - fraction * dense), -w))
 
 
@@ -53,6 +53,11 @@ def weight_cost_bound(device: torch.device) -> float:
     return WEIGHT_PASSES * memory_read_ms_per_mb(device)
 
 
+def _no_single_channel(grid: Sequence[int]) -> list[int]:
+    """The grid without width 1 unless it is the only width (see `_nearest`)."""
+    return [w for w in grid if w != 1] or list(grid)
+
+
 def check_widths(dense: Mapping[str, int], step: int) -> dict[str, int]:
     """The second model `profile_model` times whole: every group at the grid point nearest
     half its dense width (ties: the wider), about a quarter of the dense MACs."""
@@ -64,8 +69,10 @@ def calibration_widths(dense: Mapping[str, int], step: int, n_random: int,
                        seed: int = 0) -> list[dict[str, int]]:
     """The whole models a table is calibrated on, besides the dense one: every group at the
     grid point nearest a quarter and three quarters of its width, and `n_random` models of
-    independent random grid widths per group (seeded), where in every other one (the 1st,
-    3rd, ...) a group of a removable residual branch (`branches`: each one's groups) may draw
+    independent random grid widths per group (seeded; never width 1 where a group has wider
+    grid points, see `_nearest`: in VGG-16-BN at batch 1 a model with one 1-channel layer
+    ran 9-22% over its fit in every profile), where in every other one (the 1st, 3rd, ...) a
+    group of a removable residual branch (`branches`: each one's groups) may draw
     0 too: uniform and uneven prunings, with and without removed branches, as masks make them
     (at batch 1 a removed branch saves per-module overhead a width never shows). Half of them
     keep every layer, so the fit sees widths move with the layer count fixed: with removals
@@ -81,7 +88,7 @@ def calibration_widths(dense: Mapping[str, int], step: int, n_random: int,
     rng = random.Random(seed)
     vanishing = {g for br in branches for g in br}
     out = [{g: _nearest(d, step, f) for g, d in dense.items()} for f in (0.25, 0.75)]
-    out += [{g: rng.choice(width_grid(d, step, g in vanishing and i % 2 == 0))
+    out += [{g: rng.choice(_no_single_channel(width_grid(d, step, g in vanishing and i % 2 == 0)))
              for g, d in dense.items()} for i in range(n_random)]
     if branches:
         gone = {g for br in branches[1::2] for g in br}
