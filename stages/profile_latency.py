@@ -33,6 +33,7 @@ from chipprune.budgets.latency_profile import (
     best_checked,
     device_meta,
     profile_model,
+    table_faults,
     weight_cost_bound,
 )
 from chipprune.budgets.latency_table import NOT_PROFILED
@@ -191,12 +192,11 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         mlflow.log_artifact(str(out / "table.json"))
-    if abs(check["error"]) > cfg.max_check_error or table.rest_ms < -0.25 * table.model_ms \
-            or table.scale == 0.0:
+    faults = table_faults(table, cfg.max_check_error)
+    if faults:
         print(
-            f"warning: {name}: after {len(tables)} attempts the table misses its own check by "
-            f"{check['error']:+.0%} (rest {table.rest_ms:.3f} ms of {table.model_ms:.3f}); "
-            "timings this noisy make a poor budget: profile on an idle machine, or raise "
+            f"warning: {name}: after {len(tables)} attempts the best table {'; '.join(faults)}"
+            "; timings this noisy make a poor budget: profile on an idle machine, or raise "
             "latency_budget.rounds / repeats / attempts",
             file=sys.stderr,
             flush=True,

@@ -800,17 +800,40 @@ def test_a_noisy_profile_is_repeated_and_the_best_checked_table_kept():
     from chipprune.budgets.latency_profile import best_checked
 
     errors = iter([-0.70, 0.04, -0.01])
+    scales = iter([1.0] * 5 + [0.0, 0.0, 1.0])
     calls = []
 
     def profile(number):
         calls.append(number)
-        return SimpleNamespace(meta={"check": {"error": next(errors)}})
+        return SimpleNamespace(meta={"check": {"error": next(errors)}}, scale=next(scales),
+                               rest_ms=0.5, model_ms=10.0)
 
     table, tables = best_checked(profile, attempts=3, max_error=0.1)
     assert calls == [1, 2] and table is tables[1]  # the second was quiet enough: stop there
     errors = iter([0.5, -0.3, 0.2])
     table, tables = best_checked(profile, attempts=3, max_error=0.1)
     assert len(tables) == 3 and table.meta["check"]["error"] == 0.2  # none passed: the best
+    # a fit that reads width as free is no table either, however well it checks; of three,
+    # the sound one wins over the better-checked ones
+    errors = iter([0.01, -0.02, 0.09])
+    table, tables = best_checked(profile, attempts=3, max_error=0.1)
+    assert len(tables) == 3 and table is tables[2]
+
+
+def test_table_faults_name_what_makes_a_poor_budget():
+    from types import SimpleNamespace
+
+    from chipprune.budgets.latency_profile import table_faults
+
+    def table(error=0.0, scale=1.0, rest_ms=0.5):
+        return SimpleNamespace(meta={"check": {"error": error}}, scale=scale, rest_ms=rest_ms,
+                               model_ms=10.0)
+
+    assert table_faults(table(0.1), 0.1) == []  # at the limit: fine
+    assert table_faults(table(-0.23), 0.1) == ["misses its half-width check by -23%"]
+    assert table_faults(table(rest_ms=-2.5), 0.1) == []
+    assert table_faults(table(rest_ms=-2.6, scale=0.0), 0.1) == [
+        "rest -2.600 ms of a 10.000 ms model", "scale 0 (width fitted as free)"]
 
 
 # run costs of 2^-k s: exact in binary, so the fake clock's sums are exact too
