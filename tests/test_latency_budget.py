@@ -118,8 +118,8 @@ def test_whole_models_keep_off_one_channel_widths():
     """The check and calibration models take grid points above 1 where a group has one: a
     quarter of 16 on a step-8 grid is 8, not 1 (nearer 4, but a corner no pruning with
     round_to > 1 reaches); a one-channel group stays at 1. Random ones never draw 1 either
-    (VGG-16-BN at batch 1: a model with one 1-channel layer ran 9-22% over its fit, every
-    profile, and pulled the fit off)."""
+    (VGG-16-BN at batch 1: a model with one 1-channel layer ran 9-22% over its fit in six
+    of nine profiles, and pulled the fit off)."""
     dense = {"a": 16, "b": 64, "c": 1, "d": 3}
     quarter, three_quarters, *random_ = calibration_widths(dense, 8, 50)
     assert quarter == {"a": 8, "b": 16, "c": 1, "d": 3}

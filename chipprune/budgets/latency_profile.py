@@ -71,7 +71,7 @@ def calibration_widths(dense: Mapping[str, int], step: int, n_random: int,
     grid point nearest a quarter and three quarters of its width, and `n_random` models of
     independent random grid widths per group (seeded; never width 1 where a group has wider
     grid points, see `_nearest`: in VGG-16-BN at batch 1 a model with one 1-channel layer
-    ran 9-22% over its fit in every profile), where in every other one (the 1st, 3rd, ...) a
+    ran 9-22% over its fit in six of nine profiles), where in every other one (the 1st, 3rd, ...) a
     group of a removable residual branch (`branches`: each one's groups) may draw
     0 too: uniform and uneven prunings, with and without removed branches, as masks make them
     (at batch 1 a removed branch saves per-module overhead a width never shows). Half of them
