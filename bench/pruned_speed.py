@@ -320,7 +320,8 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
         print(
             f"{'':<26}table ({runtime}): dense {table.model_ms:.3f} ms, rest "
             f"{table.rest_ms:.3f} ms, scale {table.scale:.3f}, call {table.call_ms:+.4f} ms, "
-            f"weights {table.weight_ms_per_mb:.4f} ms/MB, "
+            f"weights {table.weight_ms_per_mb:.4f} ms/MB, calibration fit within "
+            f"{table.meta.get('calibration', {}).get('max_fit_error', 0.0):.1%}, "
             f"{table.meta['timings']} timings (step {step}, round_to {round_to}); "
             f"its half-width check {check['error']:+.1%} (attempts: "
             f"{tried})",
