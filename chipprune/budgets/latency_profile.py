@@ -71,8 +71,8 @@ def calibration_widths(dense: Mapping[str, int], step: int, n_random: int,
     grid point nearest a quarter and three quarters of its width, and `n_random` models of
     independent random grid widths per group (seeded; never width 1 where a group has wider
     grid points, see `_nearest`: in VGG-16-BN at batch 1 a model with one 1-channel layer
-    ran 9-22% over its fit in six of nine profiles), where in every other one (the 1st, 3rd, ...) a
-    group of a removable residual branch (`branches`: each one's groups) may draw
+    ran 9-22% over its fit in six of nine profiles), where in every other one (the 1st,
+    3rd, ...) a group of a removable residual branch (`branches`: each one's groups) may draw
     0 too: uniform and uneven prunings, with and without removed branches, as masks make them
     (at batch 1 a removed branch saves per-module overhead a width never shows). Half of them
     keep every layer, so the fit sees widths move with the layer count fixed: with removals
@@ -392,10 +392,12 @@ def best_checked(
     smallest check error), and every attempt. A fault means the timings went through noise
     (another process, a clock change), not that the model is unpredictable: a quiet attempt
     checks within a few percent."""
-    tables = []
+    tables, faulty = [], []
     for number in range(1, attempts + 1):
         tables.append(profile(number))
-        if not table_faults(tables[-1], max_error):
+        faulty.append(bool(table_faults(tables[-1], max_error)))
+        if not faulty[-1]:
             break
-    return min(tables, key=lambda t: (bool(table_faults(t, max_error)),
-                                      abs(t.meta["check"]["error"]))), tables
+    best = min(range(len(tables)),
+               key=lambda i: (faulty[i], abs(tables[i].meta["check"]["error"])))
+    return tables[best], tables
