@@ -5,7 +5,7 @@ measurement. Prints two tables; never pass/fail.
                                  [--no-published] [--no-grid] [--no-check] [--no-ort]
                                  [--check resnet56:3x32x32 vgg16_bn:3x32x32:64]
                                  [--runtimes torch onnxruntime] [--calibration 4] [--check-rounds 7]
-                                 [--attempts 3] [--max-check-error 0.1]
+                                 [--attempts 3] [--max-check-error 0.1] [--cache-mb MB]
 
 1. Speed against MACs, per model: CHIP's published ResNet-56 configurations (DESIGN.md
    section 5; the ResNet-110 and VGG-16 rate strings are not documented in this repo, so they
@@ -47,7 +47,7 @@ import torch
 
 from chipprune.budgets.counting import measure_cost
 from chipprune.budgets.exact import BudgetModel
-from chipprune.budgets.latency import median_latency_ms
+from chipprune.budgets.latency import last_level_cache_mb, median_latency_ms
 from chipprune.budgets.latency_profile import (
     TorchTimer,
     best_checked,
@@ -286,6 +286,7 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
                 rounds=args.rounds,
                 calibration=args.calibration,
                 weight_ms_per_mb_max=weight_cost_bound(device),
+                cache_mb=last_level_cache_mb(device) if args.cache_mb is None else args.cache_mb,
                 model_timer=timer.model_timer(build, shape, bs),
             ),
             args.attempts,
@@ -320,7 +321,8 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
         print(
             f"{'':<26}table ({runtime}): dense {table.model_ms:.3f} ms, rest "
             f"{table.rest_ms:.3f} ms, scale {table.scale:.3f}, call {table.call_ms:+.4f} ms, "
-            f"weights {table.weight_ms_per_mb:.4f} ms/MB, calibration fit within "
+            f"weights {table.weight_ms_per_mb:.4f} ms/MB, spill {table.spill_ms_per_mb:.4f} "
+            f"ms/MB over {table.cache_mb:.1f} MB, calibration fit within "
             f"{table.meta.get('calibration', {}).get('max_fit_error', 0.0):.1%}, "
             f"{table.meta['timings']} timings (step {step}, round_to {round_to}); "
             f"its half-width check {check['error']:+.1%} (attempts: "
@@ -350,6 +352,9 @@ def main() -> None:
                     help="the held-out check's miss that triggers another attempt (the stage's)")
     ap.add_argument("--calibration", type=int, default=defaults.calibration,
                     help="random whole models each table is fitted to (0: no fit)")
+    ap.add_argument("--cache-mb", type=float, default=None,
+                    help="the last-level cache the tables' spill term is fitted against "
+                         "(default: the device's; 0: no spill term)")
     ap.add_argument(
         "--check",
         nargs="+",

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from chipprune.atomic import write_json
-from chipprune.budgets.latency import latency_by_format
+from chipprune.budgets.latency import last_level_cache_mb, latency_by_format
 from chipprune.budgets.latency_profile import (
     TorchTimer,
     best_checked,
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                 rounds=cfg.rounds,
                 calibration=cfg.calibration,
                 weight_ms_per_mb_max=weight_cost_bound(device),
+                cache_mb=last_level_cache_mb(device),
                 meta={
                     "model": args.model,
                     "runtime": cfg.runtime,
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                 "scale": table.scale,
                 "call_ms": table.call_ms,
                 "weight_ms_per_mb": table.weight_ms_per_mb,
+                "spill_ms_per_mb": table.spill_ms_per_mb,
                 "check_error": check["error"],
                 "timings": table.meta["timings"],
                 "profile_seconds": seconds,
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{name}: {len(table.layers)} layers, {table.meta['timings']} timings x {cfg.rounds} "
         f"rounds in {seconds:.1f}s on {device} ({cfg.runtime}, {fmt}, batch {cfg.batch_size}); "
         f"dense {table.model_ms:.3f} ms, rest {table.rest_ms:.3f} ms, scale {table.scale:.3f}, "
-        f"call {table.call_ms:+.4f} ms, weights {table.weight_ms_per_mb:.4f} ms/MB; "
+        f"call {table.call_ms:+.4f} ms, weights {table.weight_ms_per_mb:.4f} ms/MB, spill "
+        f"{table.spill_ms_per_mb:.4f} ms/MB over {table.cache_mb:.1f} MB; "
         "half-width model predicted "
         f"{check['predicted_ms']:.3f} ms, measured {check['measured_ms']:.3f} ms "
         f"({check['error']:+.1%})",

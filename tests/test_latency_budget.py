@@ -295,6 +295,88 @@ def test_calibration_fits_the_cost_of_weights_streamed_from_memory(resnet20):
         LatencyTable.from_dict({**doc, "weight_ms_per_mb": -1.0})
 
 
+def conv_weights_mb(op: ConvOp, a: int, b: int, batch: int = 0) -> float:
+    """MB of a conv's float32 weights, written out (a `layer_sum` timer)."""
+    return op.kernel[0] * op.kernel[1] * 4e-6 * (b if op.depthwise else a * b / op.groups)
+
+
+def test_spill_fraction_ramps_over_the_last_quarter_of_the_cache():
+    from chipprune.budgets.latency_table import spill_fraction
+
+    assert [spill_fraction(mb, 32.0) for mb in (0.0, 24.0, 26.0, 28.0, 32.0, 59.0)] == [
+        0.0, 0.0, 0.25, 0.5, 1.0, 1.0]
+    assert spill_fraction(59.0, 0.0) == 0.0  # no cache size known: off
+    mb = torch.tensor([20.0, 30.0, 40.0], requires_grad=True)
+    (mb * spill_fraction(mb, 32.0)).sum().backward()  # continuous, with a gradient
+    assert mb.grad.tolist() == [0.0, 30.0 / 8.0 + 0.75, 1.0]
+
+
+def test_calibration_fits_the_cost_of_weights_that_outgrow_the_cache(resnet20):
+    """Whole models that pay 2 ms per MB of their weights once these outgrow a 0.8 MB cache
+    (ResNet-20's 1.1 MB dense: all of it; a model of 0.6 MB or less: nothing; linear
+    between): the fit picks 2 from its grid under the bound 3.125 (3.125 x 0.8^2), the
+    weight cost off, rest 3, scale 0.6 and call 0.05, and predicts every model exactly, its
+    budget cost included; without a cache size the term is off and the fit misses."""
+    from chipprune.budgets.latency_table import spill_fraction
+
+    model, _, _ = resnet20
+    dense = model.describe().widths()
+
+    def whole(w):
+        mb = layer_sum(model, w, conv_weights_mb)
+        return (3.0 + 0.6 * layer_sum(model, w) + 0.05 * alive_layers(model, w)
+                + 2.0 * mb * spill_fraction(mb, 0.8))
+
+    assert layer_sum(model, dense, conv_weights_mb) > 0.8  # the dense model spills
+    table = profile_model(model, SHAPE, 4, step=8, timer=bilinear_timer, model_timer=whole,
+                          calibration=4, weight_ms_per_mb_max=3.125, cache_mb=0.8)
+    assert (table.spill_ms_per_mb, table.cache_mb, table.weight_ms_per_mb) == (
+        pytest.approx(2.0, rel=1e-12), 0.8, 0.0)
+    assert (table.rest_ms, table.scale, table.call_ms) == (
+        pytest.approx(3.0, rel=1e-9), pytest.approx(0.6, rel=1e-9), pytest.approx(0.05, rel=1e-9))
+    calibration = table.meta["calibration"]
+    assert (calibration["spill_ms_per_mb"], calibration["cache_mb"]) == (
+        table.spill_ms_per_mb, 0.8)
+    assert calibration["max_fit_error"] == pytest.approx(0.0, abs=1e-9)
+    assert table.meta["check"]["error"] == pytest.approx(0.0, abs=1e-9)
+    assert table.dense_predicted_ms == pytest.approx(whole(dense), rel=1e-9)
+    bm = BudgetModel.from_model(model, SHAPE, latency=table)
+    narrow = {**dense, "layer3": 48, "layer3.1.conv1": 40, "layer2.2.conv1": 0}
+    assert 0.6 < layer_sum(model, narrow, conv_weights_mb) < 0.8  # on the ramp
+    assert bm.cost("latency", narrow) == pytest.approx(whole(narrow), rel=1e-9)
+    soft = torch.tensor([float(dense[g]) - 0.5 for g in bm.groups], requires_grad=True)
+    bm.cost("latency", soft).backward()
+    assert bool((soft.grad >= 0).all()) and float(soft.grad.sum()) > 0
+    off = profile_model(model, SHAPE, 4, step=8, timer=bilinear_timer, model_timer=whole,
+                        calibration=4, weight_ms_per_mb_max=3.125)
+    assert off.spill_ms_per_mb == 0.0 and off.meta["calibration"]["max_fit_error"] > 0.01
+    doc = table.as_dict()
+    back = LatencyTable.from_dict(doc)
+    assert (back.spill_ms_per_mb, back.cache_mb) == (table.spill_ms_per_mb, 0.8)
+    older = LatencyTable.from_dict(
+        {k: v for k, v in doc.items() if k not in ("spill_ms_per_mb", "cache_mb")})
+    assert (older.spill_ms_per_mb, older.cache_mb) == (0.0, 0.0)
+    with pytest.raises(LatencyTableError, match="cache_mb"):
+        LatencyTable.from_dict({**doc, "cache_mb": -1.0})
+
+
+def test_the_last_level_cache_is_read_off_sysfs(tmp_path):
+    """The highest data or unified level: L3 here, the instruction cache skipped; no sysfs
+    entries: 0 (the spill term off)."""
+    from chipprune.budgets.latency import last_level_cache_mb
+
+    for index, (level, kind, size) in enumerate(
+        [(1, "Data", "32K"), (1, "Instruction", "32K"), (2, "Unified", "1024K"),
+         (3, "Unified", "32768K")]):
+        d = tmp_path / f"index{index}"
+        d.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (d / name).write_text(f"{value}\n")
+    cpu = torch.device("cpu")
+    assert last_level_cache_mb(cpu, str(tmp_path)) == 32 * 2**20 / 1e6
+    assert last_level_cache_mb(cpu, str(tmp_path / "none")) == 0.0
+
+
 def test_the_weight_cost_bound_is_a_few_reads_of_memory():
     """A measured read of a buffer larger than the caches, once per process: between 0.1 GB/s
     and 10 TB/s a read, and the bound WEIGHT_PASSES of them."""

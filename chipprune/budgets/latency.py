@@ -167,3 +167,29 @@ def memory_read_ms_per_mb(device: torch.device, mb: int = 256) -> float:
     x = torch.ones(mb * 250_000, device=device)
     ms = median_ms(lambda: x.sum(), 1, 7, min_ms=0.0, sync=lambda: _sync(device))
     return ms / mb
+
+
+CPU_CACHES = "/sys/devices/system/cpu/cpu0/cache"  # Linux sysfs: index<N>/{level,type,size}
+
+
+def last_level_cache_mb(device: torch.device, cpu_caches: str = CPU_CACHES) -> float:
+    """The size in MB (10^6 bytes) of `device`'s last-level cache: the CPU's highest data or
+    unified cache level in sysfs (`cpu_caches`, the first CPU's), a CUDA device's L2; 0
+    where unknown (the latency table's spill term is then off)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size / 1e6
+    from pathlib import Path
+
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    best = (0, 0.0)  # (level, MB)
+    for index in Path(cpu_caches).glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            size = (index / "size").read_text().strip()
+            value = int(size.rstrip("KMG")) * units.get(size[-1], 1)
+        except (OSError, ValueError):
+            continue
+        best = max(best, (level, value / 1e6))
+    return best[1]

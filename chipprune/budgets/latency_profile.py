@@ -23,6 +23,7 @@ from chipprune.budgets.latency_table import (
     LayerTable,
     _layer_plan,
     monotone,
+    spill_fraction,
     width_grid,
 )
 from chipprune.models import PrunableNet
@@ -148,6 +149,7 @@ def profile_model(
     rounds: int = 1,
     calibration: int = 0,
     weight_ms_per_mb_max: float = 0.0,
+    cache_mb: float = 0.0,
     meta: Mapping[str, Any] | None = None,
 ) -> LatencyTable:
     """The table of a dense `model`: `timer(op, n_in, n_out, batch_size)` at every grid
@@ -161,7 +163,9 @@ def profile_model(
     dense model (`fit_latency_model`; `meta["calibration"]`); the half-width check stays held
     out. With `weight_ms_per_mb_max` > 0 (`weight_cost_bound`) the fit also picks the cost of
     a MB of weights streamed from memory (`LatencyTable.weight_ms_per_mb`), at most that:
-    where a layer's weights cost more than its lone time, they bound it. With 0, scale is
+    where a layer's weights cost more than its lone time, they bound it; and with `cache_mb`
+    > 0 too (`budgets.latency.last_level_cache_mb`), the cost per MB of weights once the
+    model's outgrow that cache (`LatencyTable.spill_ms_per_mb`, same bound). With 0, scale is
     1, call 0 and rest closes the dense model's gap exactly. (A fit on
     the dense and half models alone was tried before: two points, one of them the check.)
 
@@ -234,6 +238,7 @@ def profile_model(
         layers=tuple(layers),
         model_ms=model_ms,
         rest_ms=model_ms - sum(lt.ms[-1][-1] for lt in layers),
+        cache_mb=cache_mb,
         meta={
             "input_shape": list(input_size),
             "batch_size": batch_size,
@@ -245,34 +250,47 @@ def profile_model(
     )
     groups = list(dense_w)
 
-    def terms(widths: Mapping[str, int]) -> tuple[float, float]:  # unscaled layer sum, alive
-        values, alive = table.layer_terms(torch.tensor([widths[g] for g in groups]), groups)
-        return float((values * alive).sum()), float(alive.sum())
+    def terms(widths: Mapping[str, int]) -> tuple[float, float, float]:
+        """The unscaled layer sum, the alive layers and the MB of alive weights."""
+        values, alive, weights_mb = table.layer_terms(
+            torch.tensor([widths[g] for g in groups]), groups)
+        return (float((values * alive).sum()), float(alive.sum()),
+                float((weights_mb * alive).sum()))
 
     if calib:
         times = [model_ms, *(measured(i) for i in range(len(calib)))]
 
-        def fit(weight_ms_per_mb: float):  # (squared error, weight cost, fit, terms, fitted)
+        def fits(weight_ms_per_mb: float):  # per spill: (error, costs, fit, terms, fitted)
             table.weight_ms_per_mb = weight_ms_per_mb
-            sums, alive = zip(*(terms(w) for w in (dense_w, *calib)), strict=True)
-            rest, scale, call = fit_latency_model(sums, alive, times, table.min_entry_ms)
-            fitted = [rest + scale * x + call * n for x, n in zip(sums, alive, strict=True)]
-            error = sum((f - m) ** 2 for f, m in zip(fitted, times, strict=True))
-            return error, weight_ms_per_mb, (rest, scale, call), (sums, alive), fitted
+            sums, alive, weights = zip(*(terms(w) for w in (dense_w, *calib)), strict=True)
+            spills = [m * spill_fraction(m, cache_mb) for m in weights]
+            for spill in spill_candidates:
+                rest_of = [t - spill * s for t, s in zip(times, spills, strict=True)]
+                rest, scale, call = fit_latency_model(sums, alive, rest_of, table.min_entry_ms)
+                fitted = [rest + scale * x + call * n + spill * s
+                          for x, n, s in zip(sums, alive, spills, strict=True)]
+                error = sum((f - m) ** 2 for f, m in zip(fitted, times, strict=True))
+                yield (error, (weight_ms_per_mb, spill), (rest, scale, call),
+                       (sums, alive, weights), fitted)
 
-        # the weight cost is the one term the prediction is not linear in: the best of a
-        # geometric grid under its bound, 0 (off) first, so it is on only where it fits better
-        candidates = [0.0] + [weight_ms_per_mb_max * 0.8**i for i in range(25)] \
-            if weight_ms_per_mb_max > 0.0 else [0.0]
-        _, table.weight_ms_per_mb, coefficients, (sums, alive), fitted = min(
-            (fit(c) for c in candidates), key=lambda f: f[0])
+        # the weight cost and the spill are the terms the fit is not linear in (the weight
+        # cost) or constrained in (both >= 0): the best of a geometric grid under their
+        # bound, 0 (off) first, so each is on only where it fits better
+        def grid(bound: float) -> list[float]:
+            return [0.0] + [bound * 0.8**i for i in range(25)] if bound > 0.0 else [0.0]
+
+        spill_candidates = grid(weight_ms_per_mb_max if cache_mb > 0.0 else 0.0)
+        _, costs, coefficients, (sums, alive, weights), fitted = min(
+            (f for c in grid(weight_ms_per_mb_max) for f in fits(c)), key=lambda f: f[0])
+        table.weight_ms_per_mb, table.spill_ms_per_mb = costs
         table.rest_ms, table.scale, table.call_ms = coefficients
         table.meta["calibration"] = {
             "models": len(sums), "random_models": calibration, "layer_sum_ms": list(sums),
-            "alive_layers": list(alive), "measured_ms": times, "rest_ms": table.rest_ms,
-            "scale": table.scale, "call_ms": table.call_ms,
+            "alive_layers": list(alive), "weights_mb": list(weights), "measured_ms": times,
+            "rest_ms": table.rest_ms, "scale": table.scale, "call_ms": table.call_ms,
             "weight_ms_per_mb": table.weight_ms_per_mb,
             "weight_ms_per_mb_max": weight_ms_per_mb_max,
+            "spill_ms_per_mb": table.spill_ms_per_mb, "cache_mb": cache_mb,
             "max_fit_error": max(abs(f / m - 1.0) for f, m in zip(fitted, times, strict=True)),
         }
     predicted = float(table.predict_ms(torch.tensor([half_w[g] for g in groups]), groups))
