@@ -26,6 +26,11 @@ measurement. Prints two tables; never pass/fail.
    model's predicted latency against its measured one (same runtime) and against half of
    the dense model's. Goal: within 10%. `model:CxHxW:STEP` sets the table's grid step
    (default 8; VGG-16's 512-wide layers want 64 on a CPU: a 65x65 grid per layer is hours).
+   In ONNX Runtime step and round_to are raised to its conv channel block (`nchwc_block`:
+   16 on an AVX-512 CPU), which pads every width to a whole block; in PyTorch round_to is
+   raised to oneDNN's (`onednn_block`) where the grid is coarser than round_to: off the
+   block a width runs slower than the grid around it says, and a grid of step 8 times every
+   width round_to 8 makes.
 
 Timing: models are rebuilt from their widths with random weights (time does not depend on
 them) on the device (CUDA: bf16 and channels_last/NCHW as measured; CPU: float32); every
@@ -47,7 +52,7 @@ import torch
 
 from chipprune.budgets.counting import measure_cost
 from chipprune.budgets.exact import BudgetModel
-from chipprune.budgets.latency import last_level_cache_mb, median_latency_ms
+from chipprune.budgets.latency import last_level_cache_mb, median_latency_ms, onednn_block
 from chipprune.budgets.latency_profile import (
     TorchTimer,
     best_checked,
@@ -235,8 +240,8 @@ def speed_table(args, device, dtype) -> None:
 
 
 def latency_check(args, device, dtype) -> None:
-    print("\nlatency budget 0.5 (round_to 8; in ONNX Runtime the table's step and round_to are its"
-          " conv channel block where wider):\nthe table's prediction against measurement")
+    print("\nlatency budget 0.5 (round_to 8, or the conv channel block where wider: in ONNX Runtime"
+          " step too, in PyTorch where step > 8):\nthe table's prediction against measurement")
     print(
         f"{'model':<26}{'bs':>5}{'fmt':>6}{'scores':>8}{'MACs':>7}{'pred':>8}{'meas':>8}"
         f"{'err':>8}{'pred ms':>10}{'meas ms':>10}{'dense/2':>10}{'table s':>9}"
@@ -258,11 +263,13 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
     def build(w, name=name, kw=kw):
         return create_model(name, widths=w, **kw)
 
-    round_to = 8
     ort_device = "cuda" if device.type == "cuda" else "cpu"
+    round_to = 8
     if runtime == "onnxruntime":  # widths cost what the next whole block costs
         block = nchwc_block(ort_device)
         step, round_to = max(step, block), max(round_to, block)
+    elif step > round_to:  # off oneDNN's block a width costs more than the grid interpolates
+        round_to = max(round_to, onednn_block(device))
     for bs in args.batch_sizes:
         if runtime == "onnxruntime":
             fmt = "ort"

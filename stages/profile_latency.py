@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from chipprune.atomic import write_json
-from chipprune.budgets.latency import last_level_cache_mb, latency_by_format
+from chipprune.budgets.latency import last_level_cache_mb, latency_by_format, onednn_block
 from chipprune.budgets.latency_profile import (
     TorchTimer,
     best_checked,
@@ -111,7 +111,6 @@ def main(argv: list[str] | None = None) -> None:
 
         t0 = time.perf_counter()
         fmt, by_format = cfg.memory_format, {}
-        block = 0
         if cfg.runtime == "onnxruntime":
             from chipprune.deploy.ort_latency import nchwc_block
 
@@ -125,7 +124,18 @@ def main(argv: list[str] | None = None) -> None:
                       f"channels, a width costs what the next multiple of {block} does; with "
                       f"{' and '.join(unaligned)} the budget pays for channels that buy no "
                       f"speed (set both to {block})", flush=True)
-        elif fmt == "auto":  # the format the dense model runs faster in, best of the rounds
+        else:
+            block = onednn_block(device)
+            if cfg.step > grid.round_to and grid.round_to % max(block, 1):
+                # measured: VGG-16-BN at step 64, its latency-0.5 models within 10% in 4 of
+                # 12 rows with round_to 8, 9 of 12 with 16
+                print(f"{name}: note: PyTorch (oneDNN) computes convs here in blocks of {block} "
+                      f"channels and a width off them runs slower than the table's grid around "
+                      f"it says; with latency_budget.step {cfg.step} coarser than prune.round_to "
+                      f"{grid.round_to} the budget interpolates past them (set prune.round_to "
+                      f"to a multiple of {block}, or latency_budget.step to prune.round_to)",
+                      flush=True)
+        if cfg.runtime != "onnxruntime" and fmt == "auto":  # the faster format, best of rounds
             probe = model.to(device)
             rounds = [
                 latency_by_format(probe, shape, cfg.batch_size, device, cfg.warmup, cfg.repeats)

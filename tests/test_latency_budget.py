@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from chipprune.budgets.exact import BudgetModel
-from chipprune.budgets.latency import latency_metrics
+from chipprune.budgets.latency import latency_metrics, onednn_block
 from chipprune.budgets.latency_profile import (
     calibration_widths,
     check_widths,
@@ -648,7 +648,8 @@ def stage_env(tmp_path_factory):
     return root
 
 
-def test_profile_latency_stage_writes_a_table_the_budget_accepts(stage_env, mlflow_store, tmp_path):
+def test_profile_latency_stage_writes_a_table_the_budget_accepts(stage_env, mlflow_store, tmp_path,
+                                                                 capsys):
     out = tmp_path / "runs/latency/torch-cpu-bs2-digits-resnet20"
     rc = run_main(
         profile_latency.main,
@@ -662,9 +663,14 @@ def test_profile_latency_stage_writes_a_table_the_budget_accepts(stage_env, mlfl
         ],
     )
     assert rc == 0
+    # round_to 1, under step 16, is off oneDNN's channel block wherever it has one (16 here)
+    block = onednn_block(torch.device("cpu"))
+    note = "latency_budget.step 16 coarser than prune.round_to 1 the budget interpolates past"
+    assert (note in capsys.readouterr().out) == bool(block)
     assert sorted(p.name for p in out.iterdir()) == ["mlflow_run.json", "table.json"]
     table = load_table(out / "table.json")
     assert table.meta["batch_size"] == 2 and table.meta["device"] == "cpu"
+    assert table.meta["channel_block"] == block
     assert table.meta["memory_format"] in ("nchw", "channels_last")
     assert set(table.meta["dense_ms_by_format"]) == {"nchw", "channels_last"}
     # dense, 1/4, 3/4, 4 random, every other branch gone, every branch gone
@@ -991,3 +997,12 @@ def test_min_ms_zero_times_exactly_the_runs_asked_for(monkeypatch):
     assert latency.median_ms(run, 2, repeats=3, min_ms=0) == 2.0**-13 * 1e3
     assert len(calls) == 5
     assert LatencyBudgetConfig().min_ms == latency.MIN_MS  # the stage's default is the same
+
+
+@pytest.mark.parametrize("capability, block", [("AVX512", 16), ("AVX512_BF16", 16),
+                                               ("AVX2", 8), ("DEFAULT", 0)])
+def test_the_onednn_block_is_a_vector_register_of_float32_channels(monkeypatch, capability,
+                                                                   block):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert onednn_block(torch.device("cpu")) == block
+    assert onednn_block(torch.device("cuda")) == 0  # not asked of the CPU at all
