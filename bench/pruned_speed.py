@@ -263,8 +263,8 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
     def build(w, name=name, kw=kw):
         return create_model(name, widths=w, **kw)
 
-    ort_device = "cuda" if device.type == "cuda" else "cpu"
     round_to = 8
+    ort_device = "cuda" if device.type == "cuda" else "cpu"
     if runtime == "onnxruntime":  # widths cost what the next whole block costs
         block = nchwc_block(ort_device)
         step, round_to = max(step, block), max(round_to, block)

@@ -251,6 +251,11 @@ def test_whole_models_are_timed_against_the_dense_model_timed_next_to_them(resne
     assert table.meta["check"]["error"] == pytest.approx(0.0, abs=1e-9)
 
 
+def conv_weights_mb(op: ConvOp, a: int, b: int, batch: int = 0) -> float:
+    """MB of a conv's float32 weights, written out (a `layer_sum` timer)."""
+    return op.kernel[0] * op.kernel[1] * 4e-6 * (b if op.depthwise else a * b / op.groups)
+
+
 def test_calibration_fits_the_cost_of_weights_streamed_from_memory(resnet20):
     """Whole models in which a layer costs at least its weights' MB x 32 ms (the wide 64 x 64
     convs of layer3: 0.147 MB, 4.7 ms against 2.4 ms timed alone; narrow layers keep their
@@ -261,8 +266,7 @@ def test_calibration_fits_the_cost_of_weights_streamed_from_memory(resnet20):
     dense = model.describe().widths()
 
     def streamed(op: ConvOp, a: int, b: int, batch: int) -> float:
-        mb = op.kernel[0] * op.kernel[1] * 4e-6 * (b if op.depthwise else a * b / op.groups)
-        return max(bilinear_timer(op, a, b, batch), 32.0 * mb)
+        return max(bilinear_timer(op, a, b, batch), 32.0 * conv_weights_mb(op, a, b))
 
     def whole(w):
         return 3.0 + 0.6 * layer_sum(model, w, streamed) + 0.05 * alive_layers(model, w)
@@ -293,11 +297,6 @@ def test_calibration_fits_the_cost_of_weights_streamed_from_memory(resnet20):
         {k: v for k, v in doc.items() if k != "weight_ms_per_mb"}).weight_ms_per_mb == 0.0
     with pytest.raises(LatencyTableError, match="weight_ms_per_mb"):
         LatencyTable.from_dict({**doc, "weight_ms_per_mb": -1.0})
-
-
-def conv_weights_mb(op: ConvOp, a: int, b: int, batch: int = 0) -> float:
-    """MB of a conv's float32 weights, written out (a `layer_sum` timer)."""
-    return op.kernel[0] * op.kernel[1] * 4e-6 * (b if op.depthwise else a * b / op.groups)
 
 
 def test_spill_fraction_ramps_over_the_last_quarter_of_the_cache():

@@ -8,6 +8,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -172,14 +173,13 @@ def memory_read_ms_per_mb(device: torch.device, mb: int = 256) -> float:
 CPU_CACHES = "/sys/devices/system/cpu/cpu0/cache"  # Linux sysfs: index<N>/{level,type,size}
 
 
+@functools.cache
 def last_level_cache_mb(device: torch.device, cpu_caches: str = CPU_CACHES) -> float:
     """The size in MB (10^6 bytes) of `device`'s last-level cache: the CPU's highest data or
     unified cache level in sysfs (`cpu_caches`, the first CPU's), a CUDA device's L2; 0
-    where unknown (the latency table's spill term is then off)."""
+    where unknown (the latency table's spill term is then off). Read once per process."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).L2_cache_size / 1e6
-    from pathlib import Path
-
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     best = (0, 0.0)  # (level, MB)
     for index in Path(cpu_caches).glob("index*"):
