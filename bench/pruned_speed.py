@@ -5,6 +5,7 @@ measurement. Prints two tables; never pass/fail.
                                  [--no-published] [--no-grid] [--no-check] [--no-ort]
                                  [--check resnet56:3x32x32 vgg16_bn:3x32x32:64]
                                  [--runtimes torch onnxruntime] [--calibration 4] [--check-rounds 7]
+                                 [--profile-rounds 5]
                                  [--attempts 3] [--max-check-error 0.1] [--cache-mb MB]
 
 1. Speed against MACs, per model: CHIP's published ResNet-56 configurations (DESIGN.md
@@ -18,10 +19,12 @@ measurement. Prints two tables; never pass/fail.
    exported to ONNX and timed in it (CPU provider; CUDA on a GPU), dense and pruned
    interleaved: `ort<N>` speedup and `oeff<N>`.
 2. The latency budget, ChipNet-free, per runtime (`--runtimes`): a latency table of the dense
-   model on this device in that runtime (as the profile_latency stage builds it, calibrated
-   on `--calibration` random whole models besides dense, quarter and three-quarter widths,
-   and profiled again, up to `--attempts` tables, while its held-out half-width check misses
-   by more than `--max-check-error`: the stage's defaults),
+   model on this device in that runtime (as the profile_latency stage builds it: every grid
+   point and whole model timed in `--profile-rounds` rounds, calibrated on `--calibration`
+   random whole models besides dense, quarter and three-quarter widths, and profiled again,
+   up to `--attempts` tables, while the table has a fault (`table_faults`: its held-out
+   half-width check misses by more than `--max-check-error`, its fit misses a calibration
+   model by more than half, ...): the stage's defaults),
    random and L1 scores thresholded at a latency budget of 0.5 (round_to 8), and the pruned
    model's predicted latency against its measured one (same runtime) and against half of
    the dense model's. Goal: within 10%. `model:CxHxW:STEP` sets the table's grid step
@@ -290,7 +293,7 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
                 bs,
                 step=step,
                 timer=timer,
-                rounds=args.rounds,
+                rounds=args.profile_rounds,
                 calibration=args.calibration,
                 weight_ms_per_mb_max=weight_cost_bound(device),
                 cache_mb=last_level_cache_mb(device) if args.cache_mb is None else args.cache_mb,
@@ -330,7 +333,8 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
             f"{table.rest_ms:.3f} ms, scale {table.scale:.3f}, call {table.call_ms:+.4f} ms, "
             f"weights {table.weight_ms_per_mb:.4f} ms/MB, spill {table.spill_ms_per_mb:.4f} "
             f"ms/MB over {table.cache_mb:.1f} MB, calibration fit within "
-            f"{table.meta.get('calibration', {}).get('max_fit_error', 0.0):.1%}, "
+            f"{table.meta.get('calibration', {}).get('max_fit_error', 0.0):.1%} "
+            f"({table.meta.get('calibration', {}).get('max_fit_miss', 0.0):.1%} of dense), "
             f"{table.meta['timings']} timings (step {step}, round_to {round_to}); "
             f"its half-width check {check['error']:+.1%} (attempts: "
             f"{tried})",
@@ -353,6 +357,9 @@ def main() -> None:
     ap.add_argument("--check-rounds", type=int, default=7,
                     help="rounds of the check's dense-against-pruned measurement (cheap: 3 models)")
     defaults = LatencyBudgetConfig()
+    ap.add_argument("--profile-rounds", type=int, default=defaults.rounds,
+                    help="rounds over every grid point and whole model of a check's table "
+                         "(the stage's)")
     ap.add_argument("--attempts", type=int, default=defaults.attempts,
                     help="tables profiled at most while the held-out check misses (the stage's)")
     ap.add_argument("--max-check-error", type=float, default=defaults.max_check_error,

@@ -210,6 +210,7 @@ def test_calibration_fits_rest_scale_and_call_to_whole_models_and_holds_out_the_
         alive_layers(model, w) for w in (dense, *calib)]
     assert min(cal["alive_layers"]) < 19 == cal["alive_layers"][0]
     assert cal["max_fit_error"] == pytest.approx(0.0, abs=1e-9)
+    assert cal["max_fit_miss"] == pytest.approx(0.0, abs=1e-9)
     assert table.meta["check"]["error"] == pytest.approx(0.0, abs=1e-9)
     assert table.dense_predicted_ms == pytest.approx(table.model_ms, rel=1e-12)
     # a model with a branch removed: 0.6 x its layers + 0.05 per alive one, exactly
@@ -290,6 +291,13 @@ def test_calibration_fits_the_cost_of_weights_streamed_from_memory(resnet20):
     off = profile_model(model, SHAPE, 4, step=8, timer=bilinear_timer, model_timer=whole,
                         calibration=4)
     assert off.weight_ms_per_mb == 0.0 and off.meta["calibration"]["max_fit_error"] > 0.01
+    # its largest miss, also in units of the dense time (what table_faults reads)
+    c = off.meta["calibration"]
+    misses = [abs(c["rest_ms"] + c["scale"] * x + c["call_ms"] * n - m) for x, n, m in
+              zip(c["layer_sum_ms"], c["alive_layers"], c["measured_ms"], strict=True)]
+    assert c["max_fit_miss"] == pytest.approx(max(misses) / off.model_ms, rel=1e-9)
+    assert c["max_fit_error"] == pytest.approx(max(
+        d / m for d, m in zip(misses, c["measured_ms"], strict=True)), rel=1e-9)
     # the term survives the file; older tables have none; a negative one is refused
     doc = table.as_dict()
     assert LatencyTable.from_dict(doc).weight_ms_per_mb == table.weight_ms_per_mb
@@ -912,12 +920,16 @@ def test_table_faults_name_what_makes_a_poor_budget():
 
     from chipprune.budgets.latency_profile import table_faults
 
-    def table(error=0.0, scale=1.0, rest_ms=0.5):
-        return SimpleNamespace(meta={"check": {"error": error}}, scale=scale, rest_ms=rest_ms,
-                               model_ms=10.0)
+    def table(error=0.0, scale=1.0, rest_ms=0.5, fit_miss=None):
+        calibration = {} if fit_miss is None else {"calibration": {"max_fit_miss": fit_miss}}
+        return SimpleNamespace(meta={"check": {"error": error}, **calibration}, scale=scale,
+                               rest_ms=rest_ms, model_ms=10.0)
 
     assert table_faults(table(0.1), 0.1) == []  # at the limit: fine
     assert table_faults(table(-0.23), 0.1) == ["misses its half-width check by -23%"]
+    assert table_faults(table(fit_miss=0.25), 0.1) == []  # MAX_FIT_MISS: still the model
+    assert table_faults(table(0.03, fit_miss=1.7), 0.1) == [
+        "its calibration fit misses a whole model by 170% of the dense time"]
     assert table_faults(table(rest_ms=-2.5), 0.1) == []
     assert table_faults(table(rest_ms=-2.6, scale=0.0), 0.1) == [
         "rest -2.600 ms of a 10.000 ms model", "scale 0 (width fitted as free)"]
