@@ -388,13 +388,12 @@ def device_meta(device: torch.device) -> dict[str, Any]:
 
 # The largest miss of a table's calibration fit on one of its own whole models, as a fraction
 # of the dense model's time (the unit a budget's error is in), that is still the model and
-# not noise. Measured here (2-core shared CPU, batch 1): six quiet VGG-16-BN tables in
-# PyTorch missed their worst model by 3-14% of the dense time; of seven ResNet tables whose
-# fits missed a model by 62-302% of that model's own time (profiled beside another process),
-# four missed their latency-0.5 budgets by 16% to 91%. In the model's own units a small
-# model's miss says little: ResNet-56's tables in ONNX Runtime at batch 256 missed one by
-# 100% of its time while their budgets came within 5% (the model with every branch removed
-# takes a few percent of the dense time).
+# not noise. Measured here (2-core shared CPU): the twelve tables of one bench run (ResNet-20,
+# ResNet-56 and VGG-16-BN at batch 1 and 256 in both runtimes) missed their worst model by
+# 0.8-5.0% of the dense time, every latency-0.5 budget within 10%, where in each model's own
+# units the misses were 2-117% (the small models: ResNet-56 in ONNX Runtime); of seven
+# ResNet tables at batch 1 whose fits missed a model by 62-302% of its own time, most
+# profiled beside another process, four missed their latency-0.5 budgets by 16% to 91%.
 MAX_FIT_MISS = 0.25
 
 
