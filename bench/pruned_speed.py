@@ -24,7 +24,7 @@ measurement. Prints two tables; never pass/fail.
    random whole models besides dense, quarter and three-quarter widths, and profiled again,
    up to `--attempts` tables, while the table has a fault (`table_faults`: its held-out
    half-width check misses by more than `--max-check-error`, its fit misses a calibration
-   model by more than half, ...): the stage's defaults),
+   model by more than a quarter of the dense time, ...): the stage's defaults),
    random and L1 scores thresholded at a latency budget of 0.5 (round_to 8), and the pruned
    model's predicted latency against its measured one (same runtime) and against half of
    the dense model's. Goal: within 10%. `model:CxHxW:STEP` sets the table's grid step
@@ -361,7 +361,7 @@ def main() -> None:
                     help="rounds over every grid point and whole model of a check's table "
                          "(the stage's)")
     ap.add_argument("--attempts", type=int, default=defaults.attempts,
-                    help="tables profiled at most while the held-out check misses (the stage's)")
+                    help="tables profiled at most while a table has a fault (the stage's)")
     ap.add_argument("--max-check-error", type=float, default=defaults.max_check_error,
                     help="the held-out check's miss that triggers another attempt (the stage's)")
     ap.add_argument("--calibration", type=int, default=defaults.calibration,

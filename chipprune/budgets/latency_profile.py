@@ -400,10 +400,11 @@ MAX_FIT_MISS = 0.25
 def table_faults(table: LatencyTable, max_error: float) -> list[str]:
     """Why a table makes a poor budget, if it does: its held-out check misses by more than
     `max_error`, its calibration fit misses one of its own whole models by more than
-    `MAX_FIT_MISS` of the dense model's time (a timing taken in a burst of load), its rest is below -25% of the dense
-    model (the lone layers' sum overstates the model by more than noise explains), or its
-    scale is 0 (the fit read width as free: every pruning then predicts the same time, seen
-    on ResNet-20 at batch 1 when the whole-model timings went through a slow spell)."""
+    `MAX_FIT_MISS` of the dense model's time (a timing taken in a burst of load), its rest
+    is below -25% of the dense model (the lone layers' sum overstates the model by more than
+    noise explains), or its scale is 0 (the fit read width as free: every pruning then
+    predicts the same time, seen on ResNet-20 at batch 1 when the whole-model timings went
+    through a slow spell)."""
     faults = []
     error = table.meta["check"]["error"]
     if abs(error) > max_error:
