@@ -55,7 +55,7 @@ import torch
 
 from chipprune.budgets.counting import measure_cost
 from chipprune.budgets.exact import BudgetModel
-from chipprune.budgets.latency import last_level_cache_mb, median_latency_ms, onednn_block
+from chipprune.budgets.latency import last_level_cache_mb, median_latency_ms, onednn_round_to
 from chipprune.budgets.latency_profile import (
     TorchTimer,
     best_checked,
@@ -271,8 +271,8 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
     if runtime == "onnxruntime":  # widths cost what the next whole block costs
         block = nchwc_block(ort_device)
         step, round_to = max(step, block), max(round_to, block)
-    elif step > round_to:  # off oneDNN's block a width costs more than the grid interpolates
-        round_to = max(round_to, onednn_block(device))
+    else:  # off oneDNN's block a width costs more than a coarser grid interpolates
+        round_to = onednn_round_to(step, round_to, device)
     for bs in args.batch_sizes:
         if runtime == "onnxruntime":
             fmt = "ort"
@@ -326,15 +326,14 @@ def check_model(args, device, dtype, runtime: str, spec: str) -> None:
                 f"{pred * table.dense_predicted_ms:>10.3f}{m:>10.3f}{d / 2:>10.3f}"
                 f"{seconds:>9.0f}", flush=True,
             )
-        check = table.meta["check"]
+        check, cal = table.meta["check"], table.meta.get("calibration", {})
         tried = ", ".join(f"{t.meta['check']['error']:+.1%}" for t in attempts)
         print(
             f"{'':<26}table ({runtime}): dense {table.model_ms:.3f} ms, rest "
             f"{table.rest_ms:.3f} ms, scale {table.scale:.3f}, call {table.call_ms:+.4f} ms, "
             f"weights {table.weight_ms_per_mb:.4f} ms/MB, spill {table.spill_ms_per_mb:.4f} "
             f"ms/MB over {table.cache_mb:.1f} MB, calibration fit within "
-            f"{table.meta.get('calibration', {}).get('max_fit_error', 0.0):.1%} "
-            f"({table.meta.get('calibration', {}).get('max_fit_miss', 0.0):.1%} of dense), "
+            f"{cal.get('max_fit_error', 0.0):.1%} ({cal.get('max_fit_miss', 0.0):.1%} of dense), "
             f"{table.meta['timings']} timings (step {step}, round_to {round_to}); "
             f"its half-width check {check['error']:+.1%} (attempts: "
             f"{tried})",

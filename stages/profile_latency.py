@@ -27,7 +27,12 @@ from pathlib import Path
 import torch
 
 from chipprune.atomic import write_json
-from chipprune.budgets.latency import last_level_cache_mb, latency_by_format, onednn_block
+from chipprune.budgets.latency import (
+    last_level_cache_mb,
+    latency_by_format,
+    onednn_block,
+    onednn_round_to,
+)
 from chipprune.budgets.latency_profile import (
     TorchTimer,
     best_checked,
@@ -126,9 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"speed (set both to {block})", flush=True)
         else:
             block = onednn_block(device)
-            if cfg.step > grid.round_to and grid.round_to % max(block, 1):
-                # measured: VGG-16-BN at step 64, its latency-0.5 models within 10% in 4 of
-                # 12 rows with round_to 8, 9 of 12 with 16
+            if onednn_round_to(cfg.step, grid.round_to, device) != grid.round_to:
                 print(f"{name}: note: PyTorch (oneDNN) computes convs here in blocks of {block} "
                       f"channels and a width off them runs slower than the table's grid around "
                       f"it says; with latency_budget.step {cfg.step} coarser than prune.round_to "

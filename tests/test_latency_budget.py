@@ -1017,3 +1017,11 @@ def test_the_onednn_block_is_a_vector_register_of_float32_channels(monkeypatch, 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert onednn_block(torch.device("cpu")) == block
     assert onednn_block(torch.device("cuda")) == 0  # not asked of the CPU at all
+    # the round_to a coarser grid wants: up to the block; a grid as fine as round_to keeps it
+    from chipprune.budgets.latency import onednn_round_to
+
+    cpu = torch.device("cpu")
+    assert onednn_round_to(64, 8, cpu) == (block or 8)
+    assert onednn_round_to(64, 24, cpu) == {16: 32, 8: 24, 0: 24}[block]
+    assert onednn_round_to(8, 1, cpu) == {16: 16, 8: 8, 0: 1}[block]
+    assert onednn_round_to(8, 8, cpu) == onednn_round_to(16, 16, cpu) - 8 == 8

@@ -284,6 +284,7 @@ def profile_model(
             (f for c in grid(weight_ms_per_mb_max) for f in fits(c)), key=lambda f: f[0])
         table.weight_ms_per_mb, table.spill_ms_per_mb = costs
         table.rest_ms, table.scale, table.call_ms = coefficients
+        misses = [abs(f - m) for f, m in zip(fitted, times, strict=True)]
         table.meta["calibration"] = {
             "models": len(sums), "random_models": calibration, "layer_sum_ms": list(sums),
             "alive_layers": list(alive), "weights_mb": list(weights), "measured_ms": times,
@@ -291,9 +292,9 @@ def profile_model(
             "weight_ms_per_mb": table.weight_ms_per_mb,
             "weight_ms_per_mb_max": weight_ms_per_mb_max,
             "spill_ms_per_mb": table.spill_ms_per_mb, "cache_mb": cache_mb,
-            "max_fit_error": max(abs(f / m - 1.0) for f, m in zip(fitted, times, strict=True)),
+            "max_fit_error": max(d / m for d, m in zip(misses, times, strict=True)),
             # the same miss in units of the dense model's time: what a budget's error is in
-            "max_fit_miss": max(abs(f - m) for f, m in zip(fitted, times, strict=True)) / model_ms,
+            "max_fit_miss": max(misses) / model_ms,
         }
     predicted = float(table.predict_ms(torch.tensor([half_w[g] for g in groups]), groups))
     table.meta["check"] = {
